@@ -1,0 +1,136 @@
+"""Panoptic ids, the KITTI-STEP class table and PNG codec, and colours for panoptic maps.
+
+A panoptic id packs a pixel's class and its instance (track) into one integer (DeepLab2 §3,
+KITTI-STEP): ``panoptic = semantic * LABEL_DIVISOR + instance``.
+
+- ``semantic`` is a train id in ``0..18`` or ``IGNORE_LABEL = 255`` (void);
+- ``instance`` is the track id for "thing" classes (person 11, car 13), consistent over a whole
+  sequence, and ``0`` for "stuff" classes;
+- a thing pixel with instance 0 is **crowd**: semantically labelled, but in no tube.
+
+KITTI-STEP stores each frame as an RGB PNG with ``R = semantic`` and ``G * 256 + B = instance``.
+Differences from deeplab2: none in the encoding; deeplab2 converts to TFRecords, we read PNGs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+LABEL_DIVISOR = 1000
+IGNORE_LABEL = 255
+VOID_ID = IGNORE_LABEL * LABEL_DIVISOR  # panoptic id of a void pixel
+
+# The 19 KITTI-STEP classes (Cityscapes train ids) and their Cityscapes colours.
+CLASS_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+CLASS_COLORS = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
+VOID_COLOR = (0, 0, 0)
+NUM_CLASSES = len(CLASS_NAMES)
+THING_CLASSES = (11, 13)  # person, car: the classes with track ids
+STUFF_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in THING_CLASSES)
+
+
+def thing_stuff_class_ids(
+    num_classes: int = NUM_CLASSES, thing_classes=THING_CLASSES
+) -> tuple[int, ...]:
+    """Dataset class id of each class-head channel: things (given order), then stuff ascending.
+
+    Mask-transformer class heads use this order, not the dataset order (deeplab2
+    ``_thing_stuff_class_ids``); KITTI-STEP gives ``(11, 13, 0, 1, ..., 10, 12, 14, ..., 18)``.
+    The void channel comes after these ``num_classes`` channels.
+    """
+    stuff = tuple(c for c in range(num_classes) if c not in thing_classes)
+    return tuple(thing_classes) + stuff
+
+
+def semantic_of(panoptic: np.ndarray) -> np.ndarray:
+    """Class id of every pixel (255 for void)."""
+    return panoptic // LABEL_DIVISOR
+
+
+def instance_of(panoptic: np.ndarray) -> np.ndarray:
+    """Instance (track) id of every pixel; 0 for stuff, void and crowd."""
+    return panoptic % LABEL_DIVISOR
+
+
+def is_crowd(panoptic: np.ndarray, thing_classes=THING_CLASSES) -> np.ndarray:
+    """Thing pixels without a track id: labelled semantically, but in no tube."""
+    return np.isin(semantic_of(panoptic), thing_classes) & (instance_of(panoptic) == 0)
+
+
+def read_kitti_step_png(path) -> np.ndarray:
+    """Read a KITTI-STEP panoptic PNG into ``(H, W)`` int64 ids ``semantic*1000 + instance``.
+
+    Raises ``ValueError`` naming the file when it is unreadable or not a 3-channel 8-bit PNG,
+    or when an instance id does not fit under the label divisor.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            if image.mode != "RGB":
+                raise ValueError(f"expected an RGB panoptic PNG, got mode {image.mode!r}")
+            rgb = np.asarray(image, dtype=np.int64)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read KITTI-STEP panoptic map: {error}") from error
+    semantic = rgb[..., 0]
+    instance = rgb[..., 1] * 256 + rgb[..., 2]
+    if instance.max(initial=0) >= LABEL_DIVISOR:
+        raise ValueError(f"{path}: instance id {instance.max()} >= label divisor {LABEL_DIVISOR}")
+    return semantic * LABEL_DIVISOR + instance
+
+
+def write_kitti_step_png(path, panoptic: np.ndarray) -> None:
+    """Write ``(H, W)`` panoptic ids as a KITTI-STEP PNG (R = semantic, G*256+B = instance)."""
+    panoptic = np.asarray(panoptic, dtype=np.int64)
+    if panoptic.ndim != 2:
+        raise ValueError(f"{path}: panoptic map must be 2-D, got shape {panoptic.shape}")
+    semantic, instance = semantic_of(panoptic), instance_of(panoptic)
+    if semantic.min(initial=0) < 0 or semantic.max(initial=0) > 255:
+        raise ValueError(f"{path}: semantic ids must lie in 0..255")
+    rgb = np.stack([semantic, instance // 256, instance % 256], axis=-1).astype(np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb, mode="RGB").save(path)
+
+
+def track_color(semantic: int, instance: int) -> tuple[int, int, int]:
+    """A colour for one track that stays the same wherever the track appears.
+
+    The class colour is shifted by a hash of the panoptic id, so cars stay bluish and people
+    reddish while neighbouring tracks are still told apart.
+    """
+    base = np.array(CLASS_COLORS[semantic], dtype=np.int64)
+    seed = zlib.crc32(f"{semantic}:{instance}".encode())
+    jitter = np.random.default_rng(seed).integers(-90, 91, size=3)
+    return tuple(int(v) for v in np.clip(base + jitter, 0, 255))
+
+
+def colorize(panoptic: np.ndarray, thing_classes=THING_CLASSES) -> np.ndarray:
+    """``(..., H, W)`` panoptic ids -> ``(..., H, W, 3)`` uint8 colours.
+
+    Stuff and crowd get their class colour, void is black, and every thing track gets its own
+    stable colour (`track_color`), so one object keeps its colour across all frames.
+    """
+    panoptic = np.asarray(panoptic, dtype=np.int64)
+    ids, inverse = np.unique(panoptic, return_inverse=True)
+    palette = np.zeros((len(ids), 3), dtype=np.uint8)
+    for k, pan_id in enumerate(ids):
+        semantic, instance = int(pan_id // LABEL_DIVISOR), int(pan_id % LABEL_DIVISOR)
+        if semantic >= NUM_CLASSES:
+            palette[k] = VOID_COLOR
+        elif semantic in thing_classes and instance > 0:
+            palette[k] = track_color(semantic, instance)
+        else:
+            palette[k] = CLASS_COLORS[semantic]
+    return palette[inverse.reshape(panoptic.shape)]
