@@ -1,0 +1,272 @@
+"""KITTI-STEP clips: a video dataset of T consecutive frames with identical augmentation.
+
+Directory layout (KITTI-STEP as distributed for deeplab2, and what `minivseg.synthetic` writes):
+``ROOT/images/SPLIT/SSSS/FFFFFF.png`` and ``ROOT/panoptic_maps/SPLIT/SSSS/FFFFFF.png``.
+
+Every frame ``i`` of a sequence ends one clip ``[i-T+1, ..., i]``; at the start of a sequence the
+first frame is repeated (deeplab2 duplicates the first frame for its two-frame models, §8 of the
+facts sheet). Augmentation follows deeplab2's KITTI configs: one scale from
+``linspace(min, max, step 0.1)``, bilinear (align_corners) resize of frames and nearest of
+labels, pad with void to the crop size, random crop, horizontal flip — drawn once per clip and
+applied to all T frames. Frames stay in [0, 255]; the model normalises.
+
+Reproducibility: augmentation randomness comes from ``default_rng((seed, key))`` where ``key`` is
+what the sampler passes to ``__getitem__``; ``key % len(dataset)`` is the clip index, so a sampler
+that yields ``epoch * len + index`` gets fresh augmentation every epoch and exact replays on resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from minivseg.clip_paste import clip_paste as paste_clips
+from minivseg.panoptic import (
+    CLASS_NAMES,
+    IGNORE_LABEL,
+    NUM_CLASSES,
+    VOID_ID,
+    read_kitti_step_png,
+    semantic_of,
+)
+
+IMAGE_PAD_VALUE = 127.5  # deeplab2 pads images with the mean, which normalises to 0
+
+
+def read_image(path) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB; ``ValueError`` naming the file if it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read image: {error}") from error
+
+
+def check_frame(image_path: Path, label_path: Path | None, num_classes: int = NUM_CLASSES):
+    """Decode one frame (and its label); return per-class pixel counts. Raises naming the file."""
+    image = read_image(image_path)
+    counts = np.zeros(num_classes + 1, dtype=np.int64)
+    if label_path is None:
+        return counts
+    panoptic = read_kitti_step_png(label_path)
+    if panoptic.shape != image.shape[:2]:
+        raise ValueError(
+            f"{label_path}: label size {panoptic.shape} differs from image size "
+            f"{image.shape[:2]} of {image_path}"
+        )
+    semantic = semantic_of(panoptic)
+    bad = (semantic >= num_classes) & (semantic != IGNORE_LABEL)
+    if bad.any():
+        raise ValueError(
+            f"{label_path}: semantic ids {sorted(set(semantic[bad].tolist()))[:5]} are neither a "
+            f"class (0..{num_classes - 1}) nor void ({IGNORE_LABEL})"
+        )
+    semantic = np.where(semantic == IGNORE_LABEL, num_classes, semantic)
+    return np.bincount(semantic.ravel(), minlength=num_classes + 1)
+
+
+def index_split(root, split: str, labels: bool = True, num_classes: int = NUM_CLASSES):
+    """List and validate a split. Returns ``(sequences, class_counts)``.
+
+    ``sequences`` maps a sequence name to its sorted frame names. Every image is decoded and every
+    label checked (existence, readability, size, class ids); the first problem raises a
+    ``ValueError`` that names the file. ``class_counts``: ``num_classes + 1`` pixel counts (last:
+    void).
+    """
+    root = Path(root)
+    image_dir, label_dir = root / "images" / split, root / "panoptic_maps" / split
+    if not image_dir.is_dir():
+        raise ValueError(f"{image_dir}: split {split!r} not found (expected SEQ/*.png frames)")
+    sequences = {}
+    jobs = []
+    for seq_dir in sorted(p for p in image_dir.iterdir() if p.is_dir()):
+        frames = sorted(p.stem for p in seq_dir.glob("*.png"))
+        if not frames:
+            continue
+        sequences[seq_dir.name] = frames
+        for frame in frames:
+            label = label_dir / seq_dir.name / f"{frame}.png" if labels else None
+            if label is not None and not label.is_file():
+                raise ValueError(f"{seq_dir / (frame + '.png')}: no panoptic map at {label}")
+            jobs.append((seq_dir / f"{frame}.png", label))
+    if not sequences:
+        raise ValueError(f"{image_dir}: split {split!r} is empty (no SEQ/*.png frames)")
+    if labels:
+        for seq_dir in sorted(p for p in label_dir.iterdir() if p.is_dir()):
+            for label in sorted(seq_dir.glob("*.png")):
+                if label.stem not in set(sequences.get(seq_dir.name, ())):
+                    raise ValueError(f"{label}: panoptic map without an image in {image_dir}")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        counts = sum(pool.map(lambda job: check_frame(*job, num_classes), jobs))
+    return sequences, counts
+
+
+def resize_clip(frames: torch.Tensor, panoptic: torch.Tensor, scale: float):
+    """Bilinear (align_corners) frames, nearest labels; sizes follow (L-1)*scale+1."""
+    height, width = panoptic.shape[-2:]
+    new_h, new_w = int((height - 1) * scale + 1), int((width - 1) * scale + 1)
+    frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", align_corners=True)
+    rows = torch.round(torch.linspace(0, height - 1, new_h)).long()
+    cols = torch.round(torch.linspace(0, width - 1, new_w)).long()
+    return frames, panoptic[:, rows][:, :, cols]
+
+
+def pad_and_crop(frames, panoptic, crop_size, rng: np.random.Generator | None):
+    """Pad with void to at least ``crop_size``, then crop (random offsets with ``rng``, else 0)."""
+    crop_h, crop_w = crop_size
+    height, width = panoptic.shape[-2:]
+    pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+    top = int(rng.integers(pad_h + 1)) if rng is not None else 0
+    left = int(rng.integers(pad_w + 1)) if rng is not None else 0
+    if pad_h or pad_w:
+        padding = (left, pad_w - left, top, pad_h - top)
+        frames = F.pad(frames, padding, value=IMAGE_PAD_VALUE)
+        panoptic = F.pad(panoptic, padding, value=VOID_ID)
+    height, width = panoptic.shape[-2:]
+    y = int(rng.integers(height - crop_h + 1)) if rng is not None else 0
+    x = int(rng.integers(width - crop_w + 1)) if rng is not None else 0
+    window = (..., slice(y, y + crop_h), slice(x, x + crop_w))
+    return frames[window], panoptic[window]
+
+
+class KittiStepClips(torch.utils.data.Dataset):
+    """Clips of ``clip_length`` consecutive frames from a KITTI-STEP-layout directory.
+
+    Args:
+        root: dataset root with ``images/`` and ``panoptic_maps/``.
+        split: "train", "val" or "test" (or any folder name).
+        clip_length: T, frames per clip.
+        crop_size: ``(H, W)`` to pad (void) and crop to; ``None`` keeps full frames.
+        scale_range: ``(min, max)`` random scale, step 0.1 (deeplab2: (0.5, 2.0)); ``None``: off.
+        flip: random horizontal flip with p = 0.5.
+        clip_paste: probability of pasting tubes of another random clip (TubeFormer §3.3);
+            needs ``crop_size`` so that clips share one shape.
+        random_crop: crop at random offsets (training); ``False`` pads bottom/right (evaluation).
+        labels: read panoptic maps (``False`` for unlabelled frames, e.g. the test split).
+        seed: base seed of the augmentation randomness.
+    Items are dicts: ``frames (T,3,H,W) float32`` in [0, 255], ``panoptic (T,H,W) int64``,
+    ``sequence`` (str), ``frame_ids`` (list of T frame names).
+    """
+
+    def __init__(
+        self,
+        root,
+        split,
+        clip_length,
+        crop_size=None,
+        scale_range=None,
+        flip=False,
+        clip_paste=0.0,
+        random_crop=True,
+        labels=True,
+        seed=0,
+    ):
+        if clip_length < 1:
+            raise ValueError(f"clip_length must be >= 1, got {clip_length}")
+        if clip_paste > 0 and crop_size is None:
+            raise ValueError("clip_paste needs a crop_size (pasted clips must share one shape)")
+        self.root, self.split, self.clip_length = Path(root), split, clip_length
+        self.crop_size, self.scale_range, self.flip = crop_size, scale_range, flip
+        self.clip_paste, self.random_crop = clip_paste, random_crop
+        self.labels, self.seed = labels, seed
+        self.sequences, self.class_counts = index_split(root, split, labels)
+        self.clips = [(seq, i) for seq, names in self.sequences.items() for i in range(len(names))]
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def load_clip(self, index: int):
+        """Unaugmented frames ``(T,3,H,W)`` float32 and panoptic ``(T,H,W)`` int64 of a clip."""
+        sequence, end = self.clips[index]
+        names = self.sequences[sequence]
+        frame_ids = [names[max(0, end - self.clip_length + 1 + k)] for k in range(self.clip_length)]
+        image_dir = self.root / "images" / self.split / sequence
+        frames = np.stack([read_image(image_dir / f"{name}.png") for name in frame_ids])
+        frames = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+        if self.labels:
+            label_dir = self.root / "panoptic_maps" / self.split / sequence
+            panoptic = np.stack([read_kitti_step_png(label_dir / f"{n}.png") for n in frame_ids])
+        else:
+            panoptic = np.full((self.clip_length, *frames.shape[-2:]), VOID_ID, dtype=np.int64)
+        return frames, torch.from_numpy(panoptic), sequence, frame_ids
+
+    def augment(self, frames, panoptic, rng: np.random.Generator):
+        """One scale, crop and flip for the whole clip."""
+        if self.scale_range is not None:
+            low, high = self.scale_range
+            scales = np.linspace(low, high, int(round((high - low) / 0.1)) + 1)
+            frames, panoptic = resize_clip(frames, panoptic, float(rng.choice(scales)))
+        if self.crop_size is not None:
+            crop_rng = rng if self.random_crop else None
+            frames, panoptic = pad_and_crop(frames, panoptic, self.crop_size, crop_rng)
+        if self.flip and rng.random() < 0.5:
+            frames, panoptic = frames.flip(-1), panoptic.flip(-1)
+        return frames, panoptic
+
+    def __getitem__(self, key: int):
+        index = key % len(self)
+        rng = np.random.default_rng((self.seed, key))
+        frames, panoptic, sequence, frame_ids = self.load_clip(index)
+        frames, panoptic = self.augment(frames, panoptic, rng)
+        if self.clip_paste > 0 and rng.random() < self.clip_paste:
+            source_frames, source_panoptic, _, _ = self.load_clip(int(rng.integers(len(self))))
+            source_frames, source_panoptic = self.augment(source_frames, source_panoptic, rng)
+            frames, panoptic = paste_clips(frames, panoptic, source_frames, source_panoptic, rng)
+        return {
+            "frames": frames.contiguous(),
+            "panoptic": panoptic.contiguous(),
+            "sequence": sequence,
+            "frame_ids": frame_ids,
+        }
+
+
+def collate_clips(items: list[dict]) -> dict:
+    """Stack clips into ``frames (B,T,3,H,W)`` and ``panoptic (B,T,H,W)``; keep names as lists."""
+    return {
+        "frames": torch.stack([item["frames"] for item in items]),
+        "panoptic": torch.stack([item["panoptic"] for item in items]),
+        "sequence": [item["sequence"] for item in items],
+        "frame_ids": [item["frame_ids"] for item in items],
+    }
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed numpy and random in each DataLoader worker from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Validate a KITTI-STEP-layout dataset directory.")
+    parser.add_argument("--check", metavar="ROOT", required=True, help="dataset root to validate")
+    parser.add_argument("--splits", nargs="+", default=None, help="splits (default: all found)")
+    args = parser.parse_args(argv)
+    root = Path(args.check)
+    if not (root / "images").is_dir():
+        raise SystemExit(f"{root}: not a KITTI-STEP root (no images/ folder)")
+    splits = args.splits or sorted(p.name for p in (root / "images").iterdir() if p.is_dir())
+    for split in splits:
+        has_labels = (root / "panoptic_maps" / split).is_dir()
+        try:
+            sequences, counts = index_split(root, split, labels=has_labels)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+        frames = sum(len(v) for v in sequences.values())
+        print(f"{split}: {len(sequences)} sequences, {frames} frames, labels: {has_labels}")
+        if has_labels:
+            shares = counts / max(counts.sum(), 1)
+            for name, share in zip((*CLASS_NAMES, "void"), shares):
+                print(f"  {name:>14s} {100 * share:6.2f} %")
+    print(f"{root}: OK")
+
+
+if __name__ == "__main__":
+    main()

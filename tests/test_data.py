@@ -1,0 +1,209 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minivseg import data as D
+from minivseg.panoptic import LABEL_DIVISOR, VOID_ID, write_kitti_step_png
+
+H, W = 33, 49
+
+
+def label_clip(num_frames, offset=0):
+    """Panoptic frames: road/sky/building blocks, a moving car (id 3) and a person (id 1)."""
+    frames = []
+    for t in range(num_frames):
+        pan = np.full((H, W), 0 * LABEL_DIVISOR, dtype=np.int64)  # road
+        pan[:10] = 10 * LABEL_DIVISOR  # sky
+        pan[10:18, :20] = 2 * LABEL_DIVISOR  # building
+        x = 5 + 3 * t + offset
+        pan[18:28, x : x + 12] = 13 * LABEL_DIVISOR + 3  # car track 3
+        pan[12:30, 40:45] = 11 * LABEL_DIVISOR + 1  # person track 1
+        pan[0:3, 0:3] = VOID_ID
+        frames.append(pan)
+    return np.stack(frames)
+
+
+def image_of(pan):
+    """An image whose colour is a function of the label, so alignment can be checked exactly."""
+    sem, inst = pan // LABEL_DIVISOR, pan % LABEL_DIVISOR
+    return np.stack([sem % 256, inst * 40 % 256, np.full_like(sem, 7)], axis=-1).astype(np.uint8)
+
+
+def write_dataset(root, splits=(("train", ["0000", "0001"]), ("val", ["0002"])), num_frames=4):
+    for split, seqs in splits:
+        for k, seq in enumerate(seqs):
+            clip = label_clip(num_frames, offset=k)
+            for t in range(num_frames):
+                path = root / "images" / split / seq / f"{t:06d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image_of(clip[t])).save(path)
+                write_kitti_step_png(root / "panoptic_maps" / split / seq / f"{t:06d}.png", clip[t])
+    return root
+
+
+@pytest.fixture()
+def root(tmp_path):
+    return write_dataset(tmp_path / "kitti")
+
+
+def test_clips_without_augmentation_are_exact(root):
+    ds = D.KittiStepClips(root, "train", clip_length=3)
+    assert len(ds) == 8  # one clip ends at every frame
+    item = ds[2]
+    assert item["frames"].shape == (3, 3, H, W) and item["frames"].dtype == torch.float32
+    assert item["panoptic"].dtype == torch.int64
+    np.testing.assert_array_equal(item["panoptic"].numpy(), label_clip(4)[0:3])
+    assert item["frame_ids"] == ["000000", "000001", "000002"] and item["sequence"] == "0000"
+    image = item["frames"][1].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(image, image_of(label_clip(4)[1]))
+
+
+def test_first_frame_repeated_at_sequence_start(root):
+    item = D.KittiStepClips(root, "train", clip_length=3)[0]
+    assert item["frame_ids"] == ["000000"] * 3
+    assert torch.equal(item["panoptic"][0], item["panoptic"][2])
+
+
+def interior(pan):
+    """Pixels whose 3x3 neighbourhood has one label (bilinear resize keeps their colour exact).
+
+    Crop borders are excluded: their true neighbours lie outside the crop.
+    """
+    padded = np.pad(pan, 1, constant_values=-1)
+    same = np.ones_like(pan, dtype=bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            same &= padded[1 + dy : 1 + dy + pan.shape[0], 1 + dx : 1 + dx + pan.shape[1]] == pan
+    return same
+
+
+@pytest.mark.parametrize("key", range(6))
+def test_augmentation_keeps_frames_and_labels_aligned(root, key):
+    ds = D.KittiStepClips(root, "train", 2, crop_size=(41, 41), scale_range=(0.5, 2.0), flip=True)
+    item = ds[key]
+    frames, pan = item["frames"], item["panoptic"]
+    assert frames.shape == (2, 3, 41, 41) and pan.shape == (2, 41, 41)
+    for t in range(2):
+        p = pan[t].numpy()
+        labelled = interior(p) & (p != VOID_ID)
+        expected = image_of(p).astype(np.float32)
+        got = frames[t].permute(1, 2, 0).numpy()
+        assert labelled.sum() > 200
+        np.testing.assert_allclose(got[labelled], expected[labelled], atol=1e-3)
+
+
+def test_one_augmentation_for_all_frames(root):
+    ds = D.KittiStepClips(root, "train", 2, crop_size=(33, 49), scale_range=(1.0, 1.0), flip=True)
+    flipped = [
+        k
+        for k in range(20)
+        if ds[k]["panoptic"][0, 20, 30] == 13 * LABEL_DIVISOR + 3
+        or ds[k]["panoptic"][0, 20, 46] == 11 * LABEL_DIVISOR + 1
+    ]
+    for k in range(20):
+        item = ds[k]
+        static = item["panoptic"][:, 12:30, :]  # the person does not move: both frames agree on it
+        person = static == 11 * LABEL_DIVISOR + 1
+        assert torch.equal(person[0], person[1])
+    assert 0 < len(flipped) < 20  # both flipped and unflipped clips occur
+
+
+def test_augmentation_is_reproducible_per_key(root):
+    ds = D.KittiStepClips(root, "train", 2, crop_size=(30, 30), scale_range=(0.5, 2.0), flip=True)
+    assert torch.equal(ds[5]["panoptic"], ds[5]["panoptic"])
+    later_epochs = [ds[5 + len(ds) * epoch]["panoptic"] for epoch in (1, 2, 3)]
+    assert not all(torch.equal(ds[5]["panoptic"], other) for other in later_epochs)
+
+
+def test_padding_is_void_and_mean(root):
+    ds = D.KittiStepClips(root, "val", 1, crop_size=(40, 60), random_crop=False)
+    item = ds[0]
+    assert (item["panoptic"][:, H:, :] == VOID_ID).all()
+    assert (item["panoptic"][:, :, W:] == VOID_ID).all()
+    assert (item["frames"][:, :, H:, :] == D.IMAGE_PAD_VALUE).all()
+    np.testing.assert_array_equal(item["panoptic"][0, :H, :W].numpy(), label_clip(4)[0])
+
+
+def test_collate_and_worker_seed(root):
+    ds = D.KittiStepClips(root, "train", 2)
+    batch = D.collate_clips([ds[0], ds[1]])
+    assert batch["frames"].shape == (2, 2, 3, H, W) and batch["panoptic"].shape == (2, 2, H, W)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=2, num_workers=0, collate_fn=D.collate_clips, worker_init_fn=D.worker_init_fn
+    )
+    assert len(list(loader)) == 4
+    torch.manual_seed(123)
+    D.worker_init_fn(0)
+    a = np.random.rand()
+    torch.manual_seed(123)
+    D.worker_init_fn(0)
+    assert np.random.rand() == a
+
+
+# --- bad input: each case raises at construction and names the offending file -------------------
+
+
+def test_missing_label_names_image(root):
+    (root / "panoptic_maps" / "train" / "0001" / "000002.png").unlink()
+    with pytest.raises(ValueError, match=r"0001[/\\]000002\.png.*no panoptic map"):
+        D.KittiStepClips(root, "train", 2)
+
+
+def test_corrupt_png_names_file(root):
+    (root / "images" / "train" / "0000" / "000001.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ValueError, match=r"0000[/\\]000001\.png"):
+        D.KittiStepClips(root, "train", 2)
+
+
+def test_truncated_label_names_file(root):
+    path = root / "panoptic_maps" / "train" / "0000" / "000003.png"
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"panoptic_maps.*0000[/\\]000003\.png"):
+        D.KittiStepClips(root, "train", 2)
+
+
+def test_size_mismatch_names_file(root):
+    path = root / "panoptic_maps" / "val" / "0002" / "000000.png"
+    write_kitti_step_png(path, np.zeros((H, W + 1), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"0002[/\\]000000\.png.*size"):
+        D.KittiStepClips(root, "val", 2)
+
+
+def test_bad_semantic_id_names_file(root):
+    path = root / "panoptic_maps" / "val" / "0002" / "000001.png"
+    pan = label_clip(4)[1]
+    pan[5, 5] = 42 * LABEL_DIVISOR
+    write_kitti_step_png(path, pan)
+    with pytest.raises(ValueError, match=r"0002[/\\]000001\.png.*42"):
+        D.KittiStepClips(root, "val", 2)
+
+
+def test_empty_or_missing_split(root, tmp_path):
+    (root / "images" / "test").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        D.KittiStepClips(root, "test", 2, labels=False)
+    with pytest.raises(ValueError, match="not found"):
+        D.KittiStepClips(tmp_path / "nowhere", "train", 2)
+
+
+def test_label_without_image(root):
+    extra = root / "panoptic_maps" / "train" / "0000" / "000009.png"
+    write_kitti_step_png(extra, label_clip(1)[0])
+    with pytest.raises(ValueError, match=r"000009\.png.*without an image"):
+        D.KittiStepClips(root, "train", 2)
+
+
+def test_unlabelled_split(root):
+    ds = D.KittiStepClips(root, "train", 2, labels=False)
+    assert (ds[0]["panoptic"] == VOID_ID).all()
+
+
+def test_check_cli(root, capsys):
+    D.main(["--check", str(root)])
+    out = capsys.readouterr().out
+    assert "train: 2 sequences, 8 frames" in out and "val: 1 sequences, 4 frames" in out
+    assert "car" in out and "OK" in out
+    (root / "images" / "val" / "0002" / "000000.png").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match=r"0002[/\\]000000\.png"):
+        D.main(["--check", str(root)])
