@@ -1,0 +1,282 @@
+"""Axial-ResNet-50 backbone (MaX-DeepLab-S), its stride-8/4 pixel decoder and a torchvision loader.
+
+The MaX-DeepLab-S backbone (Wang et al., CVPR 2021; DeepLab2 report, "Axial-ResNet") used by
+TubeFormer-DeepLab §3.2/§4.2 ("ResNet-50 with axial-attention blocks in the last two stages"):
+an Inception stem (three 3x3 convs, no max-pool), bottleneck stages [3, 4, 6, 3] at output
+stride 16, and Axial-DeepLab Eq. (4) axial blocks (axial_attention.py) wherever the original
+ResNet stride reaches 16: stage 4 from its second block, all of stage 5. TubeFormer-DeepLab-Bn
+(§4.2) stacks more axial blocks in stage 4: ``extra_stage4_axial_blocks`` (2.24M parameters each).
+
+Follows deeplab2 (model/encoder/axial_resnet.py, model/layers/stems.py, axial_blocks.py,
+axial_block_groups.py, resized_fuse.py, drop_path.py):
+- "activation at block input": a block applies ReLU to its non-activated input, takes the
+  shortcut from that activated input, and returns shortcut + branch without activation;
+- the last BN of every residual branch starts with gamma 0;
+- drop path with deeplab2's linear schedule (keep 1 - (1 - p) * stage / 4 beyond stride 16);
+- BatchNorm momentum 0.01 (TF 0.99), eps 1e-3.
+Differences: endpoints are named res2..res5 but are all NON-activated (deeplab2's "stage2..");
+convs use PyTorch's He-normal (deeplab2: truncated He-normal); the decoder's ResizedFuse only
+upsamples (deeplab2 also has a stride-2 conv path for downsampling inputs).
+"""
+
+import math
+import re
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minivseg.axial_attention import BN_EPS, BN_MOMENTUM, AxialAttention2D
+
+OUTPUT_STRIDE = 16
+
+
+def conv_bn(in_channels, out_channels, kernel_size, stride=1, dilation=1, zero_gamma=False):
+    """Bias-free conv (symmetric padding) followed by BatchNorm; no activation."""
+    conv = nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride,
+        padding=dilation * (kernel_size - 1) // 2,
+        dilation=dilation,
+        bias=False,
+    )
+    nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+    bn = nn.BatchNorm2d(out_channels, BN_EPS, BN_MOMENTUM)
+    if zero_gamma:
+        nn.init.zeros_(bn.weight)
+    return nn.Sequential(OrderedDict(conv=conv, bn=bn))
+
+
+def drop_path_rate(keep_prob_last_stage: float, resnet_stride: int) -> float:
+    """Drop rate of a block at this original-ResNet stride (deeplab2 'linear' schedule)."""
+    if resnet_stride < 16:
+        return 0.0
+    stage = math.log2(resnet_stride) - 1  # stride 16 -> stage 3, stride 32 -> stage 4
+    return (1.0 - keep_prob_last_stage) * stage / 4
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: per sample, zero the residual branch or rescale it by 1/keep."""
+
+    def __init__(self, drop_rate: float = 0.0):
+        super().__init__()
+        self.drop_rate = drop_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, ...) -> same shape; identity in eval mode."""
+        if not self.training or self.drop_rate == 0.0:
+            return x
+        keep = 1.0 - self.drop_rate
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        mask = torch.floor(keep + torch.rand(shape, device=x.device, dtype=x.dtype))
+        return x * mask / keep
+
+
+class BottleneckBlock(nn.Module):
+    """Residual bottleneck: 1x1 -> 3x3 conv (or axial attention) -> 1x1, activation at input.
+
+    Conv filters [F, F, 4F]; axial filters [2F, (key F, value 2F), 4F] (deeplab2 axial_blocks.py).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        filters: int,
+        stride: int = 1,
+        axial: bool = False,
+        drop_path: float = 0.0,
+        num_heads: int = 8,
+        max_span: int = 255,
+        dilation: int = 1,
+    ):
+        super().__init__()
+        self.stride, self.axial = stride, axial
+        width = 2 * filters if axial else filters
+        self.conv1 = conv_bn(in_channels, width, 1)
+        if axial:
+            self.attention = AxialAttention2D(width, filters, 2 * filters, num_heads, max_span)
+        else:
+            self.conv2 = conv_bn(width, filters, 3, stride, dilation)
+        self.conv3 = conv_bn(width if axial else filters, 4 * filters, 1, zero_gamma=True)
+        self.shortcut = None
+        if in_channels != 4 * filters:
+            self.shortcut = conv_bn(in_channels, 4 * filters, 1, stride)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) non-activated -> (B, 4F, (H-1)//stride + 1, (W-1)//stride + 1) idem."""
+        x = F.relu(x)
+        s = self.stride
+        shortcut = x[:, :, ::s, ::s] if self.shortcut is None else self.shortcut(x)
+        y = F.relu(self.conv1(x))
+        if self.axial:
+            y = F.relu(self.attention(y))[:, :, ::s, ::s]
+        else:
+            y = F.relu(self.conv2(y))
+        return shortcut + self.drop_path(self.conv3(y))
+
+
+class AxialResNet(nn.Module):
+    """Inception stem + 4 bottleneck stages at output stride 16; axial blocks at stride 16."""
+
+    def __init__(
+        self,
+        num_blocks=(3, 4, 6, 3),
+        base_width: int = 64,
+        stem_channels=(64, 64, 128),
+        drop_path_keep_prob: float = 1.0,
+        use_axial: bool = True,
+        num_heads: int = 8,
+        max_span: int = 255,
+        extra_stage4_axial_blocks: int = 0,
+    ):
+        super().__init__()
+        c1, c2, c3 = stem_channels
+        # Inception stem: three 3x3 convs, no max-pool; the last one is not activated.
+        self.stem = nn.Sequential(
+            conv_bn(3, c1, 3, stride=2),
+            nn.ReLU(),
+            conv_bn(c1, c2, 3),
+            nn.ReLU(),
+            conv_bn(c2, c3, 3),
+        )
+        self.channels = {"stem": c3}
+        blocks_per_stage = list(num_blocks)
+        blocks_per_stage[2] += extra_stage4_axial_blocks
+        in_channels, resnet_stride = c3, 2  # the stride of the ResNet without atrous convs
+        for index, blocks in enumerate(blocks_per_stage):
+            filters = base_width * 2**index
+            stage = []
+            for block_index in range(blocks):
+                first = block_index == 0
+                stage.append(
+                    BottleneckBlock(
+                        in_channels,
+                        filters,
+                        stride=2 if first and resnet_stride < OUTPUT_STRIDE else 1,
+                        axial=use_axial and resnet_stride >= OUTPUT_STRIDE,
+                        drop_path=drop_path_rate(drop_path_keep_prob, resnet_stride),
+                        num_heads=num_heads,
+                        max_span=max_span,
+                        dilation=max(resnet_stride // OUTPUT_STRIDE, 1),
+                    )
+                )
+                in_channels = 4 * filters
+                resnet_stride *= 2 if first else 1
+            setattr(self, f"stage{index + 2}", nn.Sequential(*stage))
+            self.channels[f"res{index + 2}"] = in_channels
+
+    def forward(self, x: torch.Tensor) -> dict:
+        """x (B, 3, H, W), normalised -> dict of (B, C, h, w) features, all non-activated.
+
+        stem at stride 2, res2 at 4, res3 at 8, res4 and res5 at 16; h = (H - 1) // stride + 1.
+        """
+        out = {"stem": self.stem(x)}
+        out["res2"] = self.stage2(out["stem"])
+        out["res3"] = self.stage3(out["res2"])
+        out["res4"] = self.stage4(out["res3"])
+        out["res5"] = self.stage5(out["res4"])
+        return out
+
+
+class ResizedFuse(nn.Module):
+    """Sum of inputs brought to one size and width: equal width -> resize only, else ReLU -> 1x1."""
+
+    def __init__(self, in_channels, out_channels: int):
+        super().__init__()
+        self.projections = nn.ModuleList(
+            nn.Identity() if c == out_channels else conv_bn(c, out_channels, 1) for c in in_channels
+        )
+
+    def forward(self, features, size) -> torch.Tensor:
+        """features: list of (B, C_i, H_i, W_i); size (H, W) -> (B, out_channels, H, W)."""
+        fused = 0
+        for feature, project in zip(features, self.projections):
+            if not isinstance(project, nn.Identity):
+                feature = project(F.relu(feature))
+            if tuple(feature.shape[-2:]) != tuple(size):
+                feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=True)
+            fused = fused + feature
+        return fused
+
+
+class PixelDecoder(nn.Module):
+    """Stride 16 -> 8 -> 4 decoder: ResizedFuse with the skip feature, then one conv bottleneck."""
+
+    def __init__(
+        self,
+        in_channels_s16: int,
+        in_channels_s8: int,
+        in_channels_s4: int,
+        filters_s8: int = 128,
+        filters_s4: int = 64,
+    ):
+        super().__init__()
+        self.fuse_s8 = ResizedFuse([in_channels_s16, in_channels_s8], 4 * filters_s8)
+        self.block_s8 = BottleneckBlock(4 * filters_s8, filters_s8)
+        self.fuse_s4 = ResizedFuse([4 * filters_s8, in_channels_s4], 4 * filters_s4)
+        self.block_s4 = BottleneckBlock(4 * filters_s4, filters_s4)
+        self.out_channels = 4 * filters_s4
+
+    def forward(self, s16: torch.Tensor, s8: torch.Tensor, s4: torch.Tensor) -> torch.Tensor:
+        """s16 (B,C16,h16,w16), s8 (B,C8,h8,w8), s4 (B,C4,h4,w4) -> (B, out_channels, h4, w4).
+
+        Output is non-activated; the caller applies ReLU.
+        """
+        x = self.block_s8(self.fuse_s8([s16, s8], s8.shape[-2:]))
+        return self.block_s4(self.fuse_s4([x, s4], s4.shape[-2:]))
+
+
+def _torchvision_target(key: str):
+    """torchvision ResNet key -> (our conv+BN unit, our key), or None if it has no counterpart."""
+    stem = re.fullmatch(r"(conv1|bn1)\.(.+)", key)
+    if stem:
+        part = "conv" if stem[1] == "conv1" else "bn"
+        return "stem.0", f"stem.0.{part}.{stem[2]}"
+    block = re.fullmatch(r"layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.0|downsample\.1)\.(.+)", key)
+    if block is None:
+        return None
+    layer, index, name, param = block.groups()
+    prefix = f"stage{int(layer) + 1}.{index}"
+    if name.startswith("downsample"):
+        unit, part = f"{prefix}.shortcut", "conv" if name.endswith("0") else "bn"
+    else:
+        unit, part = f"{prefix}.conv{name[-1]}", name[:-1]
+    return unit, f"{unit}.{part}.{param}"
+
+
+def load_torchvision_resnet50(backbone: AxialResNet, state_dict: dict) -> dict:
+    """Copy the tensors of a torchvision ResNet-50 state dict whose counterpart has the same shape.
+
+    A BN is copied only if the conv it normalises was. Returns dict(loaded=torchvision keys copied,
+    skipped=torchvision keys not copied, missing=backbone keys left at init, reasons={key: why}).
+    """
+    ours = backbone.state_dict()
+    targets = {key: _torchvision_target(key) for key in state_dict}
+    conv_loaded = {
+        target[0]
+        for key, target in targets.items()
+        if target and target[1].endswith("conv.weight") and target[1] in ours
+        if ours[target[1]].shape == state_dict[key].shape
+    }
+    copied, reasons = {}, {}
+    for key, value in state_dict.items():
+        target = targets[key]
+        if target is None or target[1] not in ours:
+            reasons[key] = "no counterpart (head, axial attention or absent block)"
+        elif ours[target[1]].shape != value.shape:
+            reasons[key] = f"shape {tuple(value.shape)} vs {tuple(ours[target[1]].shape)}"
+        elif target[0] not in conv_loaded:
+            reasons[key] = "its convolution was skipped"
+        else:
+            copied[target[1]] = value
+    backbone.load_state_dict(copied, strict=False)
+    return {
+        "loaded": [key for key in state_dict if key not in reasons],
+        "skipped": list(reasons),
+        "missing": [key for key in ours if key not in copied],
+        "reasons": reasons,
+    }
