@@ -1,0 +1,118 @@
+"""Pictures of panoptic videos: overlays, GT/prediction comparisons, frame strips, GIFs, heatmaps
+and 3-D tube plots.
+
+Colours come from `minivseg.panoptic.colorize`: stuff and crowd in their Cityscapes class colour,
+void black, and every track in its own colour derived from its panoptic id, so one object keeps
+its colour across frames, clips and figures (a tube in TubeFormer-DeepLab §3.1 is one id's masks
+over time). Not from a paper; deeplab2's ``vis_utils`` plays the same role.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from minivseg.panoptic import LABEL_DIVISOR, THING_CLASSES, colorize, track_color
+
+WHITE = np.uint8((255, 255, 255))
+
+
+def edge_mask(panoptic: np.ndarray) -> np.ndarray:
+    """``(H, W)`` bool: pixels whose right or lower neighbour has a different panoptic id."""
+    edge = np.zeros(panoptic.shape, bool)
+    edge[:, :-1] |= panoptic[:, 1:] != panoptic[:, :-1]
+    edge[:-1] |= panoptic[1:] != panoptic[:-1]
+    return edge
+
+
+def overlay(frame, panoptic, alpha: float = 0.5, boundaries: bool = True) -> np.ndarray:
+    """Blend ``colorize(panoptic)`` over ``frame (H, W, 3)`` uint8; returns ``(H, W, 3)`` uint8.
+
+    ``alpha`` is the weight of the label colours; ``boundaries`` draws segment edges in white.
+    """
+    frame, panoptic = np.asarray(frame), np.asarray(panoptic)
+    blend = (1 - alpha) * frame.astype(np.float32) + alpha * colorize(panoptic)
+    out = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    if boundaries:
+        out[edge_mask(panoptic)] = WHITE
+    return out
+
+
+def _tile(images, gap: int, vertical: bool) -> np.ndarray:
+    """Concatenate ``(H, W, 3)`` images with ``gap`` white pixels between them."""
+    axis, pieces = 0 if vertical else 1, []
+    for k, image in enumerate(images):
+        if k and gap:
+            shape = list(image.shape)
+            shape[axis] = gap
+            pieces.append(np.full(shape, 255, np.uint8))
+        pieces.append(image)
+    return np.concatenate(pieces, axis=axis)
+
+
+def compare(frame, gt, pred, alpha: float = 0.5, gap: int = 4) -> np.ndarray:
+    """Ground truth (left) and prediction (right) overlaid on one frame: ``(H, 2W + gap, 3)``."""
+    return _tile([overlay(frame, gt, alpha), overlay(frame, pred, alpha)], gap, vertical=False)
+
+
+def strip(frames, panoptic, alpha: float = 0.5, gap: int = 4, vertical: bool = False):
+    """Overlays of ``T`` frames side by side: ``(T, H, W, 3)`` + ``(T, H, W)`` ->
+    ``(H, T*W + (T-1)*gap, 3)`` uint8, or stacked top to bottom when ``vertical``."""
+    return _tile([overlay(f, p, alpha) for f, p in zip(frames, panoptic)], gap, vertical)
+
+
+def save_gif(path, images, fps: float = 5) -> None:
+    """Write ``images`` (a sequence of ``(H, W, 3)`` uint8) as a looping GIF.
+
+    Creates the parent folder. Pillow merges identical consecutive frames into one longer frame.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pictures = [Image.fromarray(np.asarray(image, np.uint8)) for image in images]
+    duration = int(round(1000 / fps))
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=duration, loop=0)
+
+
+def heatmap(frame, values, alpha: float = 0.6, cmap: str = "magma") -> np.ndarray:
+    """Colour-mapped ``values (h, w)`` (e.g. one attention map), resized bilinearly to the frame and
+    blended over it; min-max normalised. Returns ``(H, W, 3)`` uint8."""
+    frame, values = np.asarray(frame), np.asarray(values, np.float64)
+    H, W = frame.shape[:2]
+    values = ndimage.zoom(values, (H / values.shape[0], W / values.shape[1]), order=1)
+    span = values.max() - values.min()
+    values = (values - values.min()) / (span if span > 0 else 1.0)
+    colours = matplotlib.colormaps[cmap](values)[..., :3] * 255
+    return np.clip(np.rint((1 - alpha) * frame + alpha * colours), 0, 255).astype(np.uint8)
+
+
+def tube_ids(panoptic, thing_classes=THING_CLASSES) -> list[int]:
+    """Panoptic ids of the tracked things in a video (crowd and void excluded), ascending."""
+    ids = np.unique(np.asarray(panoptic))
+    keep = np.isin(ids // LABEL_DIVISOR, thing_classes) & (ids % LABEL_DIVISOR > 0)
+    return [int(i) for i in ids[keep]]
+
+
+def plot_tubes(panoptic, pan_ids=None, stride: int = 4, ax=None):
+    """3-D plot of tubes: every ``stride``-th pixel of each id's masks, stacked along time.
+
+    ``panoptic (T, H, W)``; axes are image column, frame and image row (up is up); one colour per
+    track (`track_color`). ``pan_ids`` defaults to every tracked thing. Returns the axes.
+    """
+    import matplotlib.pyplot as plt
+
+    panoptic = np.asarray(panoptic)[:, ::stride, ::stride]  # (T, h, w)
+    pan_ids = tube_ids(panoptic) if pan_ids is None else list(pan_ids)
+    if ax is None:
+        ax = plt.figure(figsize=(8, 4)).add_subplot(projection="3d")
+    for pan_id in pan_ids:
+        t, row, col = np.nonzero(panoptic == pan_id)
+        rgb = np.array(track_color(pan_id // LABEL_DIVISOR, pan_id % LABEL_DIVISOR)) / 255
+        ax.scatter(col * stride, t, -row * stride, color=rgb, marker="s", s=4, depthshade=False)
+    T, h, w = panoptic.shape
+    ax.set(xlim=(0, w * stride), ylim=(0, T - 1), zlim=(-h * stride, 0))
+    ax.set(xlabel="x (column)", ylabel="t (frame)", zlabel="-y (row)")
+    ax.set_box_aspect((w, 0.8 * w, h))
+    return ax
