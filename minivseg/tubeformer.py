@@ -1,0 +1,293 @@
+"""TubeFormer-DeepLab: a mask transformer that predicts class-labelled video tubes for a clip.
+
+TubeFormer-DeepLab §3.2 and Fig. 3 (data flow in DESIGN.md): the backbone runs on every frame;
+at stride 16, hierarchical blocks (axial block per frame -> latent dual-path per frame -> global
+dual-path over the clip) refine the video pixels and a global memory of N tube slots; a pixel
+decoder brings the video to stride 4; heads turn the memory into N (class, tube embedding) pairs,
+and the tube logits are the dot products with the video pixel embedding x'_v, Eq. (1):
+``m = softmax_N(x'_v . w)``.
+
+Sizes and heads follow MaX-DeepLab-S in deeplab2 (model/encoder/axial_resnet.py,
+model/decoder/max_deeplab.py): the 3 stage-5 blocks plus one "stage5_extra" axial block each
+carry a dual-path layer (4 global layers); class and mask FFNs on the memory; pixel head
+depthwise-separable 5x5 -> 1x1 -> BN -> L2 norm; class logits in [things, stuff ascending, void]
+order with a constant void prior log(K * 9); mask logits through one shared single-channel BN
+(gamma 0.1). TubeFormer additions: latent memory (L slots, copied per frame), the last |C_stuff|
+global slots reserved for the stuff classes ("split thing and stuff"), and the semantic head as
+one linear layer on x'_v ("shared semantic and panoptic prediction").
+Differences from deeplab2: none in the layers. The stage-5 blocks live in the hierarchical blocks
+(``blocks.{i}.pixel_block``), so ``backbone`` is stem + stages 2-4 (``resnet_view()`` gives the
+whole ResNet). The last latent layer skips its memory update, whose output nothing reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from minivseg.axial_attention import BN_EPS, BN_MOMENTUM
+from minivseg.backbone import AxialResNet, BottleneckBlock, PixelDecoder, drop_path_rate
+from minivseg.dual_path import (
+    GlobalDualPath,
+    HierarchicalBlock,
+    LatentDualPath,
+    LinearBN,
+    run_checkpointed,
+)
+from minivseg.panoptic import NUM_CLASSES, THING_CLASSES, thing_stuff_class_ids
+
+
+@dataclass
+class TubeFormerConfig:
+    # backbone (Axial-ResNet-50 = MaX-DeepLab-S)
+    num_blocks: tuple[int, int, int, int] = (3, 4, 6, 3)  # bottlenecks in stages 2-5
+    base_width: int = 64  # stage-2 bottleneck width F; stages use F * (1, 2, 4, 8)
+    stem_channels: tuple[int, int, int] = (64, 64, 128)  # the three 3x3 stem convs
+    use_axial: bool = True  # axial attention blocks where the stride reaches 16
+    axial_heads: int = 8  # heads of every axial attention
+    max_span: int = 255  # longest axis with its own relative position (509-row tables)
+    n: int = 1  # TubeFormer-DeepLab-Bn: stage-4 axial blocks stacked n times
+    drop_path_keep_prob: float = 1.0  # keep prob at stride 32 (linear schedule; 0.8 for training)
+    # global memory and dual-path layers
+    memory_update: str = "dual_path"  # global layer type, see `make_global_layer`
+    use_global: bool = True  # global dual-path after every stride-16 block
+    use_latent: bool = True  # latent dual-path before it (False: TubeFormer-DeepLab-Simple)
+    num_slots: int = 128  # N global memory slots = predicted tubes (last |C_stuff| for stuff)
+    memory_channels: int = 256  # C of the global memory
+    num_latent: int = 16  # L latent memory slots, copied per frame
+    latent_channels: int = 256  # C of the latent memory
+    transformer_heads: int = 8  # heads of every dual-path attention
+    bottleneck_channels: int = 256  # dual-path width after the input projections
+    key_channels: int = 128  # total query/key depth of a dual-path attention
+    value_channels: int = 256  # total value depth of a dual-path attention
+    ffn_channels: int = 2048  # hidden width of the memory feed-forward network
+    # pixel decoder and heads
+    decoder_filters_s8: int = 128  # stride-8 decoder bottleneck width (output 4x)
+    decoder_filters_s4: int = 64  # stride-4 decoder bottleneck width (output 4x)
+    head_channels: int = 256  # class / mask FFN width on the memory
+    pixel_head_channels: int = 256  # depthwise-separable conv width of the pixel head
+    embedding_channels: int = 128  # D of the tube and pixel embeddings
+    num_classes: int = NUM_CLASSES  # K dataset classes (void is extra)
+    thing_classes: tuple[int, ...] = THING_CLASSES  # classes with instances (tracks)
+    num_frames: int = 2  # clip length T this preset trains on (forward accepts any T)
+    gradient_checkpointing: bool = False  # recompute axial and dual-path blocks in backward
+
+
+def tiny_config() -> TubeFormerConfig:
+    """CPU size: trains on 129x417 synthetic clips in minutes. 2 stride-16 blocks, N=32, L=4."""
+    return TubeFormerConfig(
+        num_blocks=(1, 1, 1, 1), base_width=16, stem_channels=(16, 16, 16), axial_heads=4,
+        num_slots=32, memory_channels=64, num_latent=4, latent_channels=64, transformer_heads=4,
+        bottleneck_channels=64, key_channels=32, value_channels=64, ffn_channels=128,
+        decoder_filters_s8=16, decoder_filters_s4=16, head_channels=64, pixel_head_channels=64,
+        embedding_channels=32,
+    )  # fmt: skip
+
+
+def kitti_config() -> TubeFormerConfig:
+    """TubeFormer-DeepLab-B1 on KITTI-STEP: MaX-DeepLab-S sizes, N=128, L=16, T=2, drop path 0.8."""
+    return TubeFormerConfig(drop_path_keep_prob=0.8)
+
+
+PRESETS = {"tiny": tiny_config, "kitti": kitti_config}
+
+
+def make_global_layer(cfg: TubeFormerConfig, pixel_channels: int, drop_path: float) -> nn.Module:
+    """The one place that picks the global memory update (same forward contract for every kind)."""
+    if cfg.memory_update == "dual_path":
+        return GlobalDualPath(
+            pixel_channels, cfg.memory_channels, cfg.bottleneck_channels, cfg.key_channels,
+            cfg.value_channels, cfg.transformer_heads, cfg.ffn_channels, drop_path,
+        )  # fmt: skip
+    raise ValueError(f"unknown memory_update {cfg.memory_update!r}; available: 'dual_path'")
+
+
+class TubeFormer(nn.Module):
+    """frames (B, T, 3, H, W) in [0, 255] -> dict of class and tube predictions (see forward)."""
+
+    def __init__(self, cfg: TubeFormerConfig):
+        super().__init__()
+        self.cfg = cfg
+        K = cfg.num_classes
+        self.thing_stuff_class_ids = thing_stuff_class_ids(K, cfg.thing_classes)
+        stuff = self.thing_stuff_class_ids[len(cfg.thing_classes) :]
+        self.num_stuff = len(stuff)
+        if cfg.num_slots <= self.num_stuff:
+            raise ValueError(f"num_slots={cfg.num_slots} must exceed {self.num_stuff} stuff slots")
+        # TubeFormer "split thing and stuff": slot N - S + j is reserved for the j-th stuff class.
+        first = cfg.num_slots - self.num_stuff
+        self.stuff_slot_classes = {first + j: c for j, c in enumerate(stuff)}
+
+        # Stem + stages 2-4; stage 5 is built below, inside the hierarchical blocks.
+        stage4_axial = cfg.num_blocks[2] - 1  # the first stage-4 block is a strided conv block
+        self.backbone = AxialResNet(
+            (*cfg.num_blocks[:3], 0), cfg.base_width, cfg.stem_channels, cfg.drop_path_keep_prob,
+            cfg.use_axial, cfg.axial_heads, cfg.max_span, (cfg.n - 1) * stage4_axial,
+        )  # fmt: skip
+        channels = self.backbone.channels
+
+        # Stride 16: stage 5 (ResNet stride 16, then 32) + stage5_extra, each block + dual paths.
+        filters = 8 * cfg.base_width
+        in_channels, pixel_channels = channels["res4"], 4 * filters
+        resnet_strides = [16] + [32] * cfg.num_blocks[3]
+        blocks = []
+        for index, stride in enumerate(resnet_strides):
+            rate = drop_path_rate(cfg.drop_path_keep_prob, stride)
+            pixel_block = BottleneckBlock(
+                in_channels, filters, axial=cfg.use_axial, drop_path=rate,
+                num_heads=cfg.axial_heads, max_span=cfg.max_span, dilation=stride // 16,
+            )  # fmt: skip
+            latent = None
+            if cfg.use_latent:
+                latent = LatentDualPath(
+                    pixel_channels, cfg.latent_channels, drop_path=rate,
+                    bottleneck_channels=cfg.bottleneck_channels,
+                    key_channels=cfg.key_channels, value_channels=cfg.value_channels,
+                    num_heads=cfg.transformer_heads, ffn_channels=cfg.ffn_channels,
+                    update_memory=index < len(resnet_strides) - 1,  # the last latent is never read
+                )  # fmt: skip
+            global_path = make_global_layer(cfg, pixel_channels, rate) if cfg.use_global else None
+            blocks.append(
+                HierarchicalBlock(pixel_block, latent, global_path, cfg.gradient_checkpointing)
+            )
+            in_channels = pixel_channels
+        self.blocks = nn.ModuleList(blocks)
+
+        # Learned memories (truncated normal, std 1); the latent one is copied per frame.
+        self.memory = nn.Parameter(torch.empty(1, cfg.num_slots, cfg.memory_channels))
+        nn.init.trunc_normal_(self.memory, std=1.0, a=-2.0, b=2.0)
+        if cfg.use_latent:
+            latent_shape = (1, 1, cfg.num_latent, cfg.latent_channels)
+            self.latent_memory = nn.Parameter(torch.empty(latent_shape))
+            nn.init.trunc_normal_(self.latent_memory, std=1.0, a=-2.0, b=2.0)
+
+        self.decoder = PixelDecoder(
+            pixel_channels, channels["res3"], channels["res2"], cfg.decoder_filters_s8,
+            cfg.decoder_filters_s4,
+        )  # fmt: skip
+
+        # Heads. Memory side: two FFNs (FC + BN + ReLU), then class FC and mask-embedding FC + BN.
+        D, C = cfg.embedding_channels, cfg.head_channels
+        self.class_feature = LinearBN(cfg.memory_channels, C)
+        self.mask_feature = LinearBN(cfg.memory_channels, C)
+        self.class_head = nn.Linear(C, K + 1)
+        nn.init.trunc_normal_(self.class_head.weight, std=0.01, a=-0.02, b=0.02)
+        nn.init.zeros_(self.class_head.bias)
+        self.mask_head = LinearBN(C, D)
+        # Void prior: log(K * 0.9 / 0.1) on the void logit, p(void) ~ 0.9 at init, every forward.
+        prior = torch.zeros(K + 1)
+        prior[-1] = math.log(K * 9)
+        self.register_buffer("void_prior", prior, persistent=False)
+
+        # Pixel side: depthwise 5x5 + BN + ReLU, 1x1 + BN + ReLU, 1x1 -> D with bias, BN, L2 norm.
+        width, P = self.decoder.out_channels, cfg.pixel_head_channels
+        self.pixel_head = nn.Sequential(
+            OrderedDict(
+                depthwise=nn.Conv2d(width, width, 5, padding=2, groups=width, bias=False),
+                depthwise_bn=nn.BatchNorm2d(width, BN_EPS, BN_MOMENTUM),
+                depthwise_relu=nn.ReLU(),
+                pointwise=nn.Conv2d(width, P, 1, bias=False),
+                pointwise_bn=nn.BatchNorm2d(P, BN_EPS, BN_MOMENTUM),
+                pointwise_relu=nn.ReLU(),
+                embedding=nn.Conv2d(P, D, 1),
+                embedding_bn=nn.BatchNorm2d(D, BN_EPS, BN_MOMENTUM),
+            )
+        )
+        for conv in (self.pixel_head.depthwise, self.pixel_head.pointwise):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.trunc_normal_(self.pixel_head.embedding.weight, std=0.01, a=-0.02, b=0.02)
+        nn.init.zeros_(self.pixel_head.embedding.bias)
+        # One BN channel shared by all N x T x h x w tube logits; gamma 0.1 = low temperature.
+        self.mask_bn = nn.BatchNorm1d(1, BN_EPS, BN_MOMENTUM)
+        nn.init.constant_(self.mask_bn.weight, 0.1)
+        # TubeFormer "shared semantic and panoptic prediction": a linear layer on x'_v.
+        self.semantic_head = nn.Conv3d(D, K, 1)
+        nn.init.kaiming_normal_(self.semantic_head.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.semantic_head.bias)
+
+    def resnet_view(self) -> nn.Module:
+        """Stem + stages 2-5 as one AxialResNet-shaped module that shares this model's weights.
+
+        Stage 5 lives in the hierarchical blocks, so ``self.backbone`` has no torchvision
+        ``layer4``; use ``load_torchvision_resnet50(model.resnet_view(), state_dict)``. Its
+        parameters are the ImageNet-pretrainable ones (deeplab2's 0.1x backbone learning rate).
+        """
+        view = nn.Module()
+        for name in ("stem", "stage2", "stage3", "stage4"):
+            setattr(view, name, getattr(self.backbone, name))
+        view.stage5 = nn.Sequential(*(b.pixel_block for b in self.blocks[: self.cfg.num_blocks[3]]))
+        return view
+
+    def predict(self, memory: torch.Tensor, pixel_embedding: torch.Tensor) -> dict:
+        """memory (B, N, Cm), pixel_embedding (B, D, T, h, w) -> class and tube logits."""
+        class_logits = self.class_head(F.relu(self.class_feature(memory))) + self.void_prior
+        kernels = self.mask_head(F.relu(self.mask_feature(memory)))  # (B, N, D), no activation
+        # Eq. (1): tube logits x'_v . w for every slot and every pixel of the clip.
+        logits = torch.einsum("bnd,bdthw->bnthw", kernels, pixel_embedding)
+        logits = self.mask_bn(logits.reshape(len(logits), 1, -1)).view_as(logits)
+        return {
+            "class_logits": class_logits,  # (B, N, K + 1)
+            "mask_logits": logits,  # (B, N, T, h, w)
+            "pixel_embedding": pixel_embedding,
+        }
+
+    def _run(self, module: nn.Module, *inputs):
+        if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
+            return run_checkpointed(module, *inputs)
+        return module(*inputs)
+
+    def forward(self, frames: torch.Tensor) -> dict:
+        """frames (B, T, 3, H, W) float in [0, 255] -> dict, with h = (H - 1) // 4 + 1 for 16k+1:
+
+        ``class_logits (B, N, K+1)`` (order ``thing_stuff_class_ids``, then void),
+        ``mask_logits (B, N, T, h, w)``, ``semantic_logits (B, K, T, h, w)`` (dataset order),
+        ``pixel_embedding (B, D, T, h, w)`` (L2-normalised), and ``aux``: a list of dicts with
+        ``class_logits``, ``mask_logits``, ``pixel_embedding`` from each earlier global layer.
+        """
+        B, T = frames.shape[:2]
+        x = rearrange(frames, "b t c h w -> (b t) c h w") / 127.5 - 1.0  # per-frame backbone
+        backbone = self.backbone
+        res2 = backbone.stage2(backbone.stem(x))
+        res3 = backbone.stage3(res2)
+        res4 = res3
+        for block in backbone.stage4:
+            res4 = self._run(block, res4)
+
+        video = rearrange(res4, "(b t) c h w -> b t c h w", b=B)
+        memory = self.memory.expand(B, -1, -1)
+        latent = self.latent_memory.expand(B, T, -1, -1) if self.cfg.use_latent else None
+        memories = []
+        for block in self.blocks:
+            video, memory, latent = block(video, memory, latent)
+            memories.append(memory)
+        if not self.cfg.use_global:
+            memories = [memory]  # the learned memory goes straight to the heads
+
+        s16 = rearrange(video, "b t c h w -> (b t) c h w")
+        decoded = F.relu(self.decoder(s16, res3, res2))  # (B*T, C, h, w) at stride 4
+        embedding = F.normalize(self.pixel_head(decoded), dim=1)
+        embedding = rearrange(embedding, "(b t) d h w -> b d t h w", b=B)  # x'_v
+
+        outputs = [self.predict(m, embedding) for m in memories]
+        final = outputs[-1]
+        final["semantic_logits"] = self.semantic_head(embedding)  # (B, K, T, h, w)
+        final["aux"] = outputs[:-1]
+        return final
+
+
+def build_model(preset: str = "tiny", **overrides) -> TubeFormer:
+    """``build_model("tiny" | "kitti", field=value, ...)``: a preset, TubeFormerConfig overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(TubeFormerConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown TubeFormerConfig field(s) {unknown}; valid: {sorted(names)}")
+    return TubeFormer(dataclasses.replace(PRESETS[preset](), **overrides))

@@ -1,0 +1,281 @@
+"""TubeFormer assembly: MaX-S parameter counts, shapes, heads vs reference, presets, checkpoints."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minivseg.panoptic import STUFF_CLASSES
+from minivseg.tubeformer import TubeFormerConfig, build_model
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def randomize_batch_norms(module: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) * 0.5 + 0.25)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    randomize_batch_norms(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def kitti_meta():
+    with torch.device("meta"):
+        return build_model("kitti")
+
+
+def test_max_deeplab_s_parameter_counts(kitti_meta):
+    """Configured as MaX-DeepLab-S (no latent memory) the counts are deeplab2's (facts §9)."""
+    with torch.device("meta"):
+        model = build_model("kitti", use_latent=False)
+    blocks = model.blocks
+    assert len(blocks) == 4 and all(b.latent is None for b in blocks)
+    backbone = count(model.backbone) + sum(count(b.pixel_block) for b in blocks[:3])
+    assert backbone == 41_343_424
+    assert [count(b.global_path) for b in blocks] == [2_503_712] * 4
+    encoder = (
+        count(model.backbone) + sum(count(b) for b in blocks) + count(model.decoder)
+        + count(model.class_feature) + count(model.mask_feature) + model.memory.numel()
+    )  # fmt: skip
+    assert encoder == 61_726_624
+    # + pixel head, mask head, 20-way class head and mask BN = facts' KITTI MaX-S, + semantic head.
+    semantic = count(model.semantic_head)
+    assert semantic == 128 * 19 + 19
+    assert count(model) - semantic == 61_870_902
+
+    kitti = kitti_meta
+    with torch.device("meta"):
+        b2 = build_model("kitti", n=2)
+    # A latent dual-path per block (same sizes; the last one without the memory update, whose
+    # output nothing reads: 1,119,760 fewer) + the L x C latent memory.
+    assert [b.latent.update_memory for b in kitti.blocks] == [True, True, True, False]
+    assert count(kitti) == count(model) + 4 * 2_503_712 - 1_119_760 + 16 * 256
+    assert count(b2) - count(kitti) == 5 * 2_238_816  # B-2: five more stage-4 axial blocks
+
+
+def test_kitti_drop_path_schedule_is_linear(kitti_meta):
+    model = kitti_meta
+    stage4 = [b.drop_path.drop_rate for b in model.backbone.stage4]
+    assert stage4 == [0.0] + [pytest.approx(0.15)] * 5
+    for block, rate in zip(model.blocks, (0.15, 0.2, 0.2, 0.2)):
+        assert block.pixel_block.drop_path.drop_rate == pytest.approx(rate)
+        for path in (block.global_path, block.latent):
+            assert path.pixel_drop_path.drop_rate == pytest.approx(rate)
+            if path.update_memory:
+                assert path.memory_drop_path.drop_rate == pytest.approx(rate)
+                assert path.ffn_drop_path.drop_rate == pytest.approx(rate)
+
+
+@pytest.mark.parametrize("size,frames", [((65, 97), 1), ((50, 70), 2), ((33, 49), 3)])
+def test_output_shapes_odd_sizes(tiny, size, frames):
+    H, W = size
+    x = torch.rand(2, frames, 3, H, W) * 255
+    seen = {}
+    hook = tiny.backbone.stem.register_forward_pre_hook(lambda m, inp: seen.update(x=inp[0]))
+    with torch.no_grad():
+        out = tiny(x)
+    hook.remove()
+    torch.testing.assert_close(seen["x"], x.flatten(0, 1) / 127.5 - 1)  # normalised inside
+    h, w = H, W
+    for _ in range(2):  # two stride-2 3x3 convs, "(L - 1) / 2 + 1"
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    N, K, D = 32, 19, 32
+    assert out["class_logits"].shape == (2, N, K + 1)
+    assert out["mask_logits"].shape == (2, N, frames, h, w)
+    assert out["semantic_logits"].shape == (2, K, frames, h, w)
+    assert out["pixel_embedding"].shape == (2, D, frames, h, w)
+    torch.testing.assert_close(out["pixel_embedding"].norm(dim=1), torch.ones(2, frames, h, w))
+    assert len(out["aux"]) == 1  # tiny: 2 global layers -> 1 earlier output
+    assert out["aux"][0]["mask_logits"].shape == out["mask_logits"].shape
+    if (H - 1) % 16 == 0:
+        assert (h, w) == ((H - 1) // 4 + 1, (W - 1) // 4 + 1)
+
+
+def test_heads_and_deep_supervision_match_reference(tiny):
+    """Class/mask/semantic heads written out; aux outputs use each earlier layer's memory."""
+    x = torch.rand(1, 2, 3, 33, 65) * 255
+    memories = []
+    hooks = [b.register_forward_hook(lambda m, i, o: memories.append(o[1])) for b in tiny.blocks]
+    with torch.no_grad():
+        out = tiny(x)
+    for hook in hooks:
+        hook.remove()
+    emb = out["pixel_embedding"]
+
+    def bn(x, m):
+        return (x - m.running_mean) / torch.sqrt(m.running_var + m.eps) * m.weight + m.bias
+
+    def lin_bn(x, layer):
+        return bn(x @ layer.linear.weight.T, layer.bn)
+
+    with torch.no_grad():
+        for memory, pred in zip(memories, out["aux"] + [out]):
+            cls = F.relu(lin_bn(memory, tiny.class_feature)) @ tiny.class_head.weight.T
+            cls = cls + tiny.class_head.bias
+            cls[..., -1] += math.log(19 * 9)
+            torch.testing.assert_close(pred["class_logits"], cls)
+            kernel = lin_bn(F.relu(lin_bn(memory, tiny.mask_feature)), tiny.mask_head)
+            pixels = emb.permute(0, 2, 3, 4, 1)[:, None]  # (B, 1, T, h, w, D)
+            logits = bn((kernel[:, :, None, None, None, :] * pixels).sum(-1), tiny.mask_bn)
+            torch.testing.assert_close(pred["mask_logits"], logits, atol=1e-5, rtol=1e-5)
+            assert pred["pixel_embedding"] is emb  # the final pixel embedding for every output
+        semantic = torch.einsum("bdthw,kd->bkthw", emb, tiny.semantic_head.weight.flatten(1))
+        semantic = semantic + tiny.semantic_head.bias[:, None, None, None]
+        torch.testing.assert_close(out["semantic_logits"], semantic, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out["aux"][0]["mask_logits"], out["mask_logits"])
+
+
+def test_void_prior_added_every_forward():
+    torch.manual_seed(1)
+    model = build_model("tiny").eval()
+    with torch.no_grad():
+        model.class_head.weight.zero_()
+        model.class_head.bias.fill_(0.5)
+        out = model(torch.rand(1, 1, 3, 33, 33) * 255)
+    expected = torch.full((1, 32, 20), 0.5)
+    expected[..., -1] += math.log(19 * 9)
+    torch.testing.assert_close(out["class_logits"], expected)
+    assert math.log(19 * 9) == pytest.approx(5.1417, abs=1e-4)
+    assert "void_prior" not in model.state_dict()  # a constant, not a learned bias
+    # At init (zero bias, tiny weights) p(void) ~ K*9 / (K*9 + K) = 0.9.
+    fresh = build_model("tiny").eval()
+    with torch.no_grad():
+        p = fresh(torch.rand(1, 1, 3, 33, 33) * 255)["class_logits"].softmax(-1)[..., -1]
+    assert torch.allclose(p, torch.full_like(p, 0.9), atol=0.01)
+
+
+def test_stuff_slots_are_the_last_ones_in_class_order():
+    with torch.device("meta"):
+        model = build_model("tiny")
+    N, S = model.cfg.num_slots, len(STUFF_CLASSES)
+    assert model.num_stuff == S == 17
+    assert model.stuff_slot_classes == {N - S + j: c for j, c in enumerate(STUFF_CLASSES)}
+    assert list(model.stuff_slot_classes) == list(range(N - S, N))
+    assert model.thing_stuff_class_ids == (11, 13) + STUFF_CLASSES
+    for j, cls in enumerate(model.stuff_slot_classes.values()):
+        assert model.thing_stuff_class_ids[2 + j] == cls  # its class channel is channel 2 + j
+    with pytest.raises(ValueError, match="num_slots"):
+        build_model("tiny", num_slots=17)
+
+
+def test_build_model_rejects_unknown_names():
+    with pytest.raises(ValueError, match="num_slot"):
+        build_model("tiny", num_slot=8)
+    with pytest.raises(ValueError, match="preset"):
+        build_model("huge")
+    with pytest.raises(ValueError, match="memory_update"):
+        build_model("tiny", memory_update="kmeans")
+    assert build_model("tiny", num_slots=20).cfg == TubeFormerConfig(
+        **{**build_model("tiny").cfg.__dict__, "num_slots": 20}
+    )
+
+
+def test_latent_and_global_switches():
+    torch.manual_seed(2)
+    simple = build_model("tiny", use_latent=False).eval()
+    assert not hasattr(simple, "latent_memory") and all(b.latent is None for b in simple.blocks)
+    memory_only = build_model("tiny", use_global=False).eval()
+    assert all(b.global_path is None for b in memory_only.blocks)
+    x = torch.rand(1, 2, 3, 33, 33) * 255
+    with torch.no_grad():
+        out_simple, out_memory = simple(x), memory_only(x)
+    assert len(out_simple["aux"]) == 1 and out_memory["aux"] == []
+    assert out_memory["mask_logits"].shape == out_simple["mask_logits"].shape
+
+
+def test_kitti_preset_forward_backward_small():
+    torch.manual_seed(3)
+    model = build_model("kitti").train()
+    assert model.cfg.num_slots == 128 and model.cfg.num_latent == 16 and model.cfg.num_frames == 2
+    out = model(torch.rand(1, 2, 3, 65, 65) * 255)
+    assert out["class_logits"].shape == (1, 128, 20)
+    assert out["mask_logits"].shape == (1, 128, 2, 17, 17)
+    assert out["pixel_embedding"].shape == (1, 128, 2, 17, 17)
+    assert len(out["aux"]) == 3
+    loss = sum(o["mask_logits"].square().mean() + o["class_logits"].square().mean()
+               for o in out["aux"] + [out]) + out["semantic_logits"].square().mean()  # fmt: skip
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.memory.grad.abs().sum() > 0
+    # The latent memory reaches the output only through gamma-0 BNs (zero at init); their gammas
+    # get gradient, so after one step the latent path is live.
+    assert model.blocks[0].latent.pixel_conv3.bn.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_same_outputs_and_gradients():
+    torch.manual_seed(4)
+    plain = build_model("tiny", drop_path_keep_prob=0.8).train()
+    randomize_batch_norms(plain)
+    ckpt = build_model("tiny", drop_path_keep_prob=0.8, gradient_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 2, 3, 33, 49) * 255
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(5)  # same drop-path masks
+        out = model(x)
+        loss = (out["mask_logits"].square().mean() + out["class_logits"].square().mean()
+                + out["aux"][0]["mask_logits"].square().mean())  # fmt: skip
+        loss.backward()
+        results.append(out)
+    torch.testing.assert_close(results[0]["mask_logits"], results[1]["mask_logits"])
+    torch.testing.assert_close(results[0]["class_logits"], results[1]["class_logits"])
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name, atol=1e-5, rtol=1e-4)
+    for (name, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_gradient_checkpointing_flag_reaches_every_block():
+    with torch.device("meta"):
+        model = build_model("tiny", gradient_checkpointing=True)
+    assert all(b.gradient_checkpointing for b in model.blocks)
+
+
+def test_resnet_view_loads_torchvision_layer4_into_the_blocks():
+    """Stage 5 lives in the hierarchical blocks; the view maps torchvision layer4 onto them."""
+    from minivseg.backbone import load_torchvision_resnet50
+
+    torch.manual_seed(6)
+    model = build_model("tiny", use_axial=False, num_blocks=(1, 1, 1, 2))
+    view = model.resnet_view()
+    assert [m for m in view.stage5] == [b.pixel_block for b in model.blocks[:2]]
+    assert view.stage2 is model.backbone.stage2
+    ours = view.state_dict()
+    fake = {  # torchvision names, our shapes
+        "layer4.0.conv1.weight": torch.randn(ours["stage5.0.conv1.conv.weight"].shape),
+        "layer4.1.conv2.weight": torch.randn(ours["stage5.1.conv2.conv.weight"].shape),
+        "layer4.1.bn2.running_mean": torch.randn(ours["stage5.1.conv2.bn.running_mean"].shape),
+        "layer3.0.conv3.weight": torch.randn(ours["stage4.0.conv3.conv.weight"].shape),
+    }
+    report = load_torchvision_resnet50(view, fake)
+    assert sorted(report["loaded"]) == sorted(fake)
+    torch.testing.assert_close(
+        model.blocks[0].pixel_block.conv1.conv.weight, fake["layer4.0.conv1.weight"]
+    )
+    torch.testing.assert_close(
+        model.blocks[1].pixel_block.conv2.bn.running_mean, fake["layer4.1.bn2.running_mean"]
+    )
+    torch.testing.assert_close(
+        model.backbone.stage4[0].conv3.conv.weight, fake["layer3.0.conv3.weight"]
+    )
+    # The stage5_extra block is not part of the ImageNet ResNet.
+    assert all(
+        p is not q for p in view.parameters() for q in model.blocks[2].pixel_block.parameters()
+    )
