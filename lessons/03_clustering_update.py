@@ -437,6 +437,24 @@ axes[2].set_title("reference points r^c per centre (colour)", fontsize=9)
 plt.show()
 
 # %% [markdown]
+# ### Inside TubeFormer-DeepLab
+#
+# `build_model("tiny", memory_update="clustering")` (or `--model.memory_update=clustering` on
+# the training command line) makes every global layer of the hierarchical blocks this clustering
+# layer. The pixels are the clip's $T h w$ stride-16 pixels, so a cluster is a tube. The state
+# $(\mathbf{S}_l, e_l)$ goes from one hierarchical block to the next, exactly as in the loop
+# above. Each $\mathbf{S}_l$ is a tube prediction in its own right. It is reshaped to
+# $(N, T, h_{16}, w_{16})$ and upsampled bilinearly to stride 4,
+#
+# $$\hat{m}^{(l)}_{n,t}(4y, 4x) = \mathbf{S}_{l}[n, (t, y, x)],$$
+#
+# with the values in between interpolated linearly (align-corners; exact for $16k+1$ crops,
+# where the stride-16 pixel $(y, x)$ lands on the stride-4 pixel $(4y, 4x)$). It is paired with the class logits of the
+# centres that made the assignment (the layer's input memory) and becomes one deep-supervision
+# output. The tube loss then supervises every $\mathbf{Z}_l = \mathrm{softmax}_N(\mathbf{S}_l)$
+# with the final Hungarian matching, and Eq. (13) pulls every layer's reference points towards
+# the matched GT tube.
+#
 # ## 6. Check against the package
 #
 # Load both lesson layers' weights into `minivseg.clustering.ClusteringUpdate` with

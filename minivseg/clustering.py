@@ -14,6 +14,11 @@ all ``P = T*h*w`` pixels of a clip, so one cluster is one video tube. Per layer:
   concatenated to the layer's input projections;
 - mask approximation loss, Eq. (13), on the matched slots' reference points.
 
+In TubeFormer (``memory_update="clustering"``) every global layer is a `ClusteringUpdate` inside a
+`ClusteringBlock`, which carries the state (``S`` and ``e``) from one hierarchical block to the
+next. Each layer's ``S``, reshaped to tubes and upsampled to stride 4
+(`assignment_mask_logits`), is that layer's deep-supervision tube prediction.
+
 ``assignment="argmax"`` swaps Z for kMaX-DeepLab's stop-gradient one-hot argmax over N (the
 clustering term is then its k-means "sum, then BN" update); everything else is shared, so unlike
 kMaX the argmax layer keeps the cross-attention and the pixel update, and takes the argmax of
@@ -40,7 +45,7 @@ from torch import nn
 
 from minivseg.axial_attention import BN_EPS, BN_MOMENTUM
 from minivseg.backbone import DropPath
-from minivseg.dual_path import Attention, LinearBN
+from minivseg.dual_path import Attention, HierarchicalBlock, LinearBN
 
 
 def normalized_coordinates(height: int, width: int, device=None) -> torch.Tensor:
@@ -192,6 +197,40 @@ class ClusteringUpdate(nn.Module):
         y_p = F.relu(self.pixel_values_bn(y_p.reshape(-1, y_p.shape[-1])).view_as(y_p))
         pixels_out = pixels + self.pixel_drop_path(self.pixel_conv3(y_p))
         return pixels_out, memory_out, new_state
+
+
+class ClusteringBlock(HierarchicalBlock):
+    """TubeFormer Fig. 3 with a `ClusteringUpdate` as the global layer: pixel block per frame ->
+    latent dual-path -> clustering over the clip's ``T*h*w`` pixels, with the clustering state
+    (the residual ``S`` of Eq. (6) and ``e`` of Eq. (9)) passed from block to block."""
+
+    def forward(self, video, memory, latent, state=None):
+        """video (B, T, C, h, w) non-activated, memory (B, N, Cm), latent (B, T, L, Cl) or None,
+        state of the previous block (None for the first).
+
+        Returns ``(video (B, T, C', h', w'), memory, latent, state)``, state as `ClusteringUpdate`.
+        """
+        B, T = video.shape[:2]
+        x = self._run(self.pixel_block, rearrange(video, "b t c h w -> (b t) c h w"))
+        h, w = x.shape[-2:]
+        pixels = rearrange(x, "(b t) c h w -> b t (h w) c", b=B)
+        if self.latent is not None:
+            pixels, latent = self._run(self.latent, pixels, latent)
+        clip = rearrange(pixels, "b t p c -> b (t p) c")  # all T*h*w pixels of the clip
+        clip, memory, state = self._run(self.global_path, clip, memory, (T, h, w), state)
+        video = rearrange(clip, "b (t h w) c -> b t c h w", t=T, h=h, w=w)
+        return video, memory, latent, state
+
+
+def assignment_mask_logits(
+    logits: torch.Tensor, shape: tuple[int, int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """Assignment logits S (B, N, T*h*w) over a (T, h, w) clip -> tube logits (B, N, T, H', W')
+    at ``size = (H', W')``, bilinear with align_corners (exact for 16k+1 -> 4k+1 sizes)."""
+    T, h, w = shape
+    frames = rearrange(logits, "b n (t h w) -> b (n t) h w", t=T, h=h, w=w)
+    frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=True)
+    return rearrange(frames, "b (n t) h w -> b n t h w", t=T)
 
 
 def extreme_points(mask: torch.Tensor) -> torch.Tensor:

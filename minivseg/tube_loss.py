@@ -7,6 +7,8 @@ Dice term) lifted from masks to tubes: sim(y_i, ŷ_j) = p̂_j(c_i) × Dice(m_i, 
 Auxiliary terms: tube-ID cross-entropy, video semantic cross-entropy, video instance
 discrimination (or the pixel-wise contrastive loss of CMT-DeepLab Eq. (14)), deep supervision with
 the final matching, and the clip-to-clip temporal consistency loss (L1 on shared-frame logits).
+With the clustering memory update, the mask approximation loss (CMT-DeepLab Eq. (13)) pulls every
+layer's reference points towards the extremes and centre of the tube its slot is matched to.
 Numbers follow deeplab2 model/loss/max_deeplab_loss.py and base_loss.py.
 
 Differences from deeplab2:
@@ -27,6 +29,7 @@ from einops import einsum, rearrange
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from minivseg.clustering import mask_approximation_loss
 from minivseg.panoptic import (
     IGNORE_LABEL,
     LABEL_DIVISOR,
@@ -50,6 +53,7 @@ class TubeLossConfig:
     contrastive_sample_k: int = 0  # 0: MaX instance discrimination; >0: CMT Eq. (14) on k pixels
     contrastive_sample_temperature: float = 0.6  # sampling bias towards small tubes (deeplab2 0.6)
     split_thing_stuff: bool = True  # stuff tubes go to the reserved last |C_stuff| slots
+    mask_approx_weight: float = 1.0  # CMT Eq. (13) on reference points (clustering only), CMT 1.0
 
 
 def subsample(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -184,13 +188,15 @@ class TubeLoss(nn.Module):
             tube_id=cfg.tube_id_weight,
             instance_disc=cfg.instance_disc_weight,
             semantic=cfg.semantic_weight,
+            mask_approx=cfg.mask_approx_weight,
         )
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """outputs: the model dict, class_logits (B, N, K+1), mask_logits (B, N, T, h, w),
-        semantic_logits (B, K, T, h, w) and pixel_embedding (B, D, T, h, w) optional, aux list;
-        batch["panoptic"] (B, T, H, W) int64 ids. Returns the weighted total and the unweighted
-        terms (pq_class, pq_dice, tube_id, instance_disc, semantic, aux{i}_...), batch means."""
+        semantic_logits (B, K, T, h, w), pixel_embedding (B, D, T, h, w) and reference_points
+        (list of (B, N, R, 2)) optional, aux list; batch["panoptic"] (B, T, H, W) int64 ids.
+        Returns the weighted total and the unweighted terms (pq_class, pq_dice, tube_id,
+        instance_disc, semantic, mask_approx, aux{i}_...), batch means."""
         mask_logits = outputs["mask_logits"]
         if mask_logits.shape[1] != self.num_slots:
             raise ValueError(f"expected {self.num_slots} slots, got {mask_logits.shape[1]}")
@@ -212,6 +218,9 @@ class TubeLoss(nn.Module):
                         per_clip.setdefault(prefix + name, []).append(value)
                 if "semantic_logits" in outputs:
                     per_clip.setdefault("semantic", []).append(self._semantic(outputs, panoptic, b))
+                if "reference_points" in outputs:
+                    approx = self._mask_approx(outputs["reference_points"], b, tubes, match)
+                    per_clip.setdefault("mask_approx", []).append(approx)
         terms = {name: torch.stack(values).mean() for name, values in per_clip.items()}
         total = sum(self.weight(name) * term for name, term in terms.items())
         return total, terms
@@ -290,6 +299,16 @@ class TubeLoss(nn.Module):
         target = same / same.sum(1, keepdim=True).clamp_min(1)  # 1/|P(a)| over positives
         similarity = features[sample] @ features[sample].T / cfg.temperature
         return mean_nonzero(-(target * similarity.log_softmax(1)).sum(1))
+
+    def _mask_approx(self, reference_points, b, tubes, match) -> torch.Tensor:
+        """CMT Eq. (13), L_ext + L_cen, of every layer's (B, N, R, 2) points, summed over layers;
+        thing and stuff slots with the final matching, GT tubes pooled over the clip's frames."""
+        pairs = [(match["slot"], match["tube"])]
+        losses = [
+            mask_approximation_loss(points[b : b + 1], [tubes["masks"]], pairs)
+            for points in reference_points
+        ]
+        return sum(loss["extreme"] + loss["center"] for loss in losses)
 
     def _semantic(self, outputs, panoptic, b) -> torch.Tensor:
         """Video semantic CE (dataset class order), void ignored, mean over the top-k% pixels."""

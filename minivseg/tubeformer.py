@@ -15,6 +15,10 @@ order with a constant void prior log(K * 9); mask logits through one shared sing
 (gamma 0.1). TubeFormer additions: latent memory (L slots, copied per frame), the last |C_stuff|
 global slots reserved for the stuff classes ("split thing and stuff"), and the semantic head as
 one linear layer on x'_v ("shared semantic and panoptic prediction").
+``memory_update="clustering"`` swaps every global dual-path layer for CMT-DeepLab's clustering
+update (`minivseg.clustering`, §3.3): the slots cluster the clip's pixels into tubes, and each
+layer's assignment logits S, upsampled to stride 4, are its deep-supervision tube logits, paired
+with the class logits of the centres that made that assignment (the layer's input memory).
 Differences from deeplab2: none in the layers. The stage-5 blocks live in the hierarchical blocks
 (``blocks.{i}.pixel_block``), so ``backbone`` is stem + stages 2-4 (``resnet_view()`` gives the
 whole ResNet). The last latent layer skips its memory update, whose output nothing reads.
@@ -34,6 +38,7 @@ from torch import nn
 
 from minivseg.axial_attention import BN_EPS, BN_MOMENTUM
 from minivseg.backbone import AxialResNet, BottleneckBlock, PixelDecoder, drop_path_rate
+from minivseg.clustering import ClusteringBlock, ClusteringUpdate, assignment_mask_logits
 from minivseg.dual_path import (
     GlobalDualPath,
     HierarchicalBlock,
@@ -56,7 +61,10 @@ class TubeFormerConfig:
     n: int = 1  # TubeFormer-DeepLab-Bn: stage-4 axial blocks stacked n times
     drop_path_keep_prob: float = 1.0  # keep prob at stride 32 (linear schedule; 0.8 for training)
     # global memory and dual-path layers
-    memory_update: str = "dual_path"  # global layer type, see `make_global_layer`
+    memory_update: str = "dual_path"  # global layer type: "dual_path" or "clustering" (CMT)
+    clustering_assignment: str = "soft"  # clustering Z: "soft" softmax_N or "argmax" (kMaX)
+    num_reference_points: int = 8  # clustering: reference points R per slot (CMT M=8; 0 = none)
+    coord_conv: bool = True  # clustering: concat (y, x) / reference points before the projections
     use_global: bool = True  # global dual-path after every stride-16 block
     use_latent: bool = True  # latent dual-path before it (False: TubeFormer-DeepLab-Simple)
     num_slots: int = 128  # N global memory slots = predicted tubes (last |C_stuff| for stuff)
@@ -106,7 +114,15 @@ def make_global_layer(cfg: TubeFormerConfig, pixel_channels: int, drop_path: flo
             pixel_channels, cfg.memory_channels, cfg.bottleneck_channels, cfg.key_channels,
             cfg.value_channels, cfg.transformer_heads, cfg.ffn_channels, drop_path,
         )  # fmt: skip
-    raise ValueError(f"unknown memory_update {cfg.memory_update!r}; available: 'dual_path'")
+    if cfg.memory_update == "clustering":
+        return ClusteringUpdate(
+            pixel_channels, cfg.memory_channels, cfg.bottleneck_channels, cfg.key_channels,
+            cfg.value_channels, cfg.transformer_heads, cfg.ffn_channels, drop_path,
+            cfg.num_reference_points, cfg.clustering_assignment, cfg.coord_conv,
+        )  # fmt: skip
+    raise ValueError(
+        f"unknown memory_update {cfg.memory_update!r}; available: 'dual_path', 'clustering'"
+    )
 
 
 class TubeFormer(nn.Module):
@@ -154,9 +170,11 @@ class TubeFormer(nn.Module):
                     update_memory=index < len(resnet_strides) - 1,  # the last latent is never read
                 )  # fmt: skip
             global_path = make_global_layer(cfg, pixel_channels, rate) if cfg.use_global else None
-            blocks.append(
-                HierarchicalBlock(pixel_block, latent, global_path, cfg.gradient_checkpointing)
+            # The clustering block also carries the clustering state from block to block.
+            block = (
+                ClusteringBlock if isinstance(global_path, ClusteringUpdate) else HierarchicalBlock
             )
+            blocks.append(block(pixel_block, latent, global_path, cfg.gradient_checkpointing))
             in_channels = pixel_channels
         self.blocks = nn.ModuleList(blocks)
 
@@ -225,9 +243,13 @@ class TubeFormer(nn.Module):
         view.stage5 = nn.Sequential(*(b.pixel_block for b in self.blocks[: self.cfg.num_blocks[3]]))
         return view
 
+    def classify(self, memory: torch.Tensor) -> torch.Tensor:
+        """memory (B, N, Cm) -> class logits (B, N, K + 1), void prior added."""
+        return self.class_head(F.relu(self.class_feature(memory))) + self.void_prior
+
     def predict(self, memory: torch.Tensor, pixel_embedding: torch.Tensor) -> dict:
         """memory (B, N, Cm), pixel_embedding (B, D, T, h, w) -> class and tube logits."""
-        class_logits = self.class_head(F.relu(self.class_feature(memory))) + self.void_prior
+        class_logits = self.classify(memory)
         kernels = self.mask_head(F.relu(self.mask_feature(memory)))  # (B, N, D), no activation
         # Eq. (1): tube logits x'_v . w for every slot and every pixel of the clip.
         logits = torch.einsum("bnd,bdthw->bnthw", kernels, pixel_embedding)
@@ -250,6 +272,9 @@ class TubeFormer(nn.Module):
         ``mask_logits (B, N, T, h, w)``, ``semantic_logits (B, K, T, h, w)`` (dataset order),
         ``pixel_embedding (B, D, T, h, w)`` (L2-normalised), and ``aux``: a list of dicts with
         ``class_logits``, ``mask_logits``, ``pixel_embedding`` from each earlier global layer.
+        With ``memory_update="clustering"``, ``aux`` holds one dict per clustering layer instead:
+        ``mask_logits`` = its assignment logits S upsampled to (B, N, T, h, w), ``class_logits``
+        from its input memory; and ``reference_points`` is a list of (B, N, R, 2) per layer.
         """
         B, T = frames.shape[:2]
         x = rearrange(frames, "b t c h w -> (b t) c h w") / 127.5 - 1.0  # per-frame backbone
@@ -263,22 +288,40 @@ class TubeFormer(nn.Module):
         video = rearrange(res4, "(b t) c h w -> b t c h w", b=B)
         memory = self.memory.expand(B, -1, -1)
         latent = self.latent_memory.expand(B, T, -1, -1) if self.cfg.use_latent else None
-        memories = []
+        memories, states = [memory], []  # the input memory of every block, then the last output
         for block in self.blocks:
-            video, memory, latent = block(video, memory, latent)
+            if isinstance(block, ClusteringBlock):
+                state = states[-1] if states else None
+                video, memory, latent, state = block(video, memory, latent, state)
+                states.append(state)
+            else:
+                video, memory, latent = block(video, memory, latent)
             memories.append(memory)
-        if not self.cfg.use_global:
-            memories = [memory]  # the learned memory goes straight to the heads
 
         s16 = rearrange(video, "b t c h w -> (b t) c h w")
         decoded = F.relu(self.decoder(s16, res3, res2))  # (B*T, C, h, w) at stride 4
         embedding = F.normalize(self.pixel_head(decoded), dim=1)
         embedding = rearrange(embedding, "(b t) d h w -> b d t h w", b=B)  # x'_v
 
-        outputs = [self.predict(m, embedding) for m in memories]
-        final = outputs[-1]
+        if states:  # clustering: layer i's tubes are S_i, made by its input centres memories[i]
+            shape, size = (T, *video.shape[-2:]), embedding.shape[-2:]
+            aux = [
+                dict(
+                    class_logits=self.classify(m),
+                    mask_logits=assignment_mask_logits(s["assignment_logits"], shape, size),
+                )
+                for m, s in zip(memories, states)
+            ]
+            final = self.predict(memories[-1], embedding)
+            if self.cfg.num_reference_points:
+                final["reference_points"] = [s["reference_points"] for s in states]
+        else:
+            # Without global layers the learned memory goes straight to the heads.
+            heads = memories[1:] if self.cfg.use_global else memories[:1]
+            outputs = [self.predict(m, embedding) for m in heads]
+            final, aux = outputs[-1], outputs[:-1]
         final["semantic_logits"] = self.semantic_head(embedding)  # (B, K, T, h, w)
-        final["aux"] = outputs[:-1]
+        final["aux"] = aux
         return final
 
 

@@ -1,5 +1,9 @@
 """Clustering update (CMT-DeepLab): k-means limit, naive reference layer, Eq. (6)-(13) checks."""
 
+import dataclasses
+import math
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +17,8 @@ from minivseg.clustering import (
     mask_approximation_loss,
     normalized_coordinates,
 )
+from minivseg.config import demo
+from minivseg.train import main
 
 SMALL = dict(
     memory_channels=12, bottleneck_channels=16, key_channels=8, value_channels=16, num_heads=2,
@@ -366,3 +372,37 @@ def test_bf16_autocast_keeps_residual_state_in_float32():
     assert {v.dtype for v in state.values()} == {torch.float32}
     (p.float().square().mean() + state["assignment_logits"].mean()).backward()
     assert torch.isfinite(pixels.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["soft", "argmax"])
+def test_tubeformer_with_clustering_trains_two_steps(tmp_path, mode):
+    """``--model.memory_update=clustering`` through the training loop: finite, weights move."""
+    overrides = {"memory_update": "clustering", "clustering_assignment": mode}
+    cfg = dataclasses.replace(
+        demo(), data=str(Path(__file__).resolve().parents[1] / "data_samples"),
+        out_dir=str(tmp_path), max_steps=2, batch_size=1, num_workers=0, crop_size=(65, 97),
+        model_overrides=overrides, device="cpu", checkpoint_every=1, log_every=1,
+    )  # fmt: skip
+    result = main(cfg)
+    model = result["model"]
+    assert result["step"] == 2 and result["skipped_steps"] == 0
+    assert all(isinstance(b.global_path, ClusteringUpdate) for b in model.blocks)
+    assert model.blocks[0].global_path.assignment == mode
+    # Both clustering layers' S are deeply supervised (aux0_, aux1_ terms); Eq. (13) is on.
+    assert {"aux0_tube_id", "aux1_tube_id", "aux1_pq_dice"} <= set(result)
+    assert result["mask_approx"] > 0
+    assert all(math.isfinite(v) for k, v in result.items() if isinstance(v, float))
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["config"]["model_overrides"] == overrides
+    fresh = ClusteringUpdate(
+        64, 64, 64, 32, 64, 4, 128, num_reference_points=8, assignment=mode
+    ).state_dict()
+    trained = {k.removeprefix("blocks.0.global_path."): v for k, v in checkpoint["model"].items()
+               if k.startswith("blocks.0.global_path.")}  # fmt: skip
+    assert trained.keys() == fresh.keys()
+    assert torch.isfinite(torch.cat([v.float().flatten() for v in trained.values()])).all()
+    # Step 2 moved the clustering keys of both layers (argmax: only S's supervision reaches them).
+    before = torch.load(tmp_path / "prev.pt", weights_only=True)["model"]
+    for layer in (0, 1):
+        key = f"blocks.{layer}.global_path.pixel_cluster_key.linear.weight"
+        assert not torch.equal(before[key], checkpoint["model"][key])

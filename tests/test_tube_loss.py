@@ -451,3 +451,84 @@ def test_loss_runs_in_float32_under_bf16_autocast():
     for name in want:
         assert terms[name].dtype == torch.float32
         torch.testing.assert_close(terms[name], want[name], rtol=0, atol=0)
+
+
+def gt_extremes_and_mean(mask: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
+    """Naive: (y, x) min, max and mean over every pixel of a (T, h, w) tube, i / (n - 1)."""
+    Tm, h, w = mask.shape
+    pixels = [(y / (h - 1), x / (w - 1)) for t in range(Tm) for y in range(h) for x in range(w)
+              if mask[t, y, x] > 0]  # fmt: skip
+    lows = [min(p[a] for p in pixels) for a in (0, 1)]
+    highs = [max(p[a] for p in pixels) for a in (0, 1)]
+    means = [sum(p[a] for p in pixels) / len(pixels) for a in (0, 1)]
+    return lows, highs, means
+
+
+def points_on_extremes_and_centre(mask: torch.Tensor, R: int = 8) -> torch.Tensor:
+    """R (y, x) points: the tube's top/bottom/left/right extremes, the other R - 4 at one point
+    placed so that the mean of all R is the tube's centre (inside the tube's box)."""
+    (y0, x0), (y1, x1), (ym, xm) = gt_extremes_and_mean(mask)
+    ay, ax = (R * ym - y0 - y1) / (R - 2), (R * xm - x0 - x1) / (R - 2)
+    assert y0 <= ay <= y1 and x0 <= ax <= x1  # the extremes stay the extremes
+    points = torch.tensor([[y0, ax], [y1, ax], [ay, x0], [ay, x1]] + [[ay, ax]] * (R - 4))
+    return points
+
+
+def test_mask_approx_on_reference_points_with_the_final_matching():
+    """Points on each matched tube's extremes and centre (stride-4, frames pooled) give ~0; the
+    term is Eq. (13) summed over layers, weight 1.0, only matched slots get gradient."""
+    out = random_outputs(B=2, aux=1)
+    pan = make_clip()
+    pan2 = pan.clone()
+    pan2[pan2 // 1000 == 11] = 0  # clip 2: the person becomes road
+    batch = dict(panoptic=torch.stack([pan, pan2]))
+    loss = TubeLoss(num_slots=21)
+    points = torch.rand(2, 21, 8, 2)
+    matched = torch.zeros(2, 21, dtype=torch.bool)
+    for b in range(2):
+        tubes = tubes_from_panoptic(batch["panoptic"][b], SIZE)
+        match = match_tubes(out["class_logits"][b], out["mask_logits"][b], tubes, S)
+        assert len(match["tube"]) == len(tubes["masks"]) == 4 - b  # things and stuff
+        for slot, tube in zip(match["slot"], match["tube"]):
+            points[b, slot] = points_on_extremes_and_centre(tubes["masks"][tube])
+            matched[b, slot] = True
+    layers = [points.clone().requires_grad_(True), points.clone().requires_grad_(True)]
+    total, terms = loss(dict(out, reference_points=layers), batch)
+    assert terms["mask_approx"].item() == pytest.approx(0, abs=1e-6)
+    # Random points: Eq. (13) written out per clip and layer, summed over layers.
+    layers = [torch.rand(2, 21, 8, 2, requires_grad=True) for _ in range(2)]
+    base, base_terms = loss(out, batch)
+    total, terms = loss(dict(out, reference_points=layers), batch)
+    assert "mask_approx" not in base_terms and set(terms) == {*base_terms, "mask_approx"}
+    want = 0.0
+    for b in range(2):
+        tubes = tubes_from_panoptic(batch["panoptic"][b], SIZE)
+        match = match_tubes(out["class_logits"][b], out["mask_logits"][b], tubes, S)
+        for layer in layers:
+            extreme = center = 0.0
+            for slot, tube in zip(match["slot"], match["tube"]):
+                lows, highs, means = gt_extremes_and_mean(tubes["masks"][tube])
+                r = layer[b, slot].detach()
+                for a in (0, 1):
+                    extreme += abs(r[:, a].min() - lows[a]) + abs(r[:, a].max() - highs[a])
+                    center += abs(r[:, a].mean() - means[a])
+            K_b = len(match["tube"])
+            want += (extreme / (4 * K_b) + center / (2 * K_b)) / 2  # mean over the 2 clips
+    assert terms["mask_approx"].item() == pytest.approx(float(want), rel=1e-5)
+    torch.testing.assert_close(total, base + 1.0 * terms["mask_approx"])
+    terms["mask_approx"].backward()
+    for layer in layers:
+        assert torch.equal(layer.grad.abs().sum((2, 3)) > 0, matched)
+
+
+@pytest.mark.parametrize("fill", [255_000, 13_000], ids=["all_void", "only_crowd"])
+def test_mask_approx_finite_on_empty_clips(fill):
+    pan = torch.full((T, H, W), fill, dtype=torch.long)
+    points = [torch.rand(1, 21, 8, 2, requires_grad=True)]
+    cfg = TubeLossConfig(mask_approx_weight=2.0)
+    total, terms = TubeLoss(num_slots=21, config=cfg)(
+        dict(random_outputs(B=1), reference_points=points), dict(panoptic=pan[None])
+    )
+    assert terms["mask_approx"] == 0 and torch.isfinite(total)
+    total.backward()
+    assert torch.isfinite(points[0].grad).all() and points[0].grad.abs().sum() == 0

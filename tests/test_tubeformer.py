@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minivseg.clustering import ClusteringBlock, ClusteringUpdate
 from minivseg.panoptic import STUFF_CLASSES
 from minivseg.tubeformer import TubeFormerConfig, build_model
 
@@ -279,3 +280,106 @@ def test_resnet_view_loads_torchvision_layer4_into_the_blocks():
     assert all(
         p is not q for p in view.parameters() for q in model.blocks[2].pixel_block.parameters()
     )
+
+
+@pytest.mark.parametrize("mode", ["soft", "argmax"])
+@pytest.mark.parametrize("frames", [1, 2, 3])
+def test_clustering_switch_shapes_and_deep_supervision(mode, frames):
+    """Every global layer clusters the clip; aux tubes = upsampled S, classes = input memory's."""
+    torch.manual_seed(7)
+    model = build_model("tiny", memory_update="clustering", clustering_assignment=mode).eval()
+    randomize_batch_norms(model)
+    assert all(isinstance(b, ClusteringBlock) for b in model.blocks)
+    assert all(isinstance(b.global_path, ClusteringUpdate) for b in model.blocks)
+    assert all(b.global_path.assignment == mode for b in model.blocks)
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append((i, o))) for b in model.blocks]
+    x = torch.rand(2, frames, 3, 33, 49) * 255  # stride 16: 3 x 4, stride 4: 9 x 13
+    with torch.no_grad():
+        out = model(x)
+    for hook in hooks:
+        hook.remove()
+    N, h, w = 32, 9, 13
+    assert out["mask_logits"].shape == (2, N, frames, h, w)
+    assert len(out["aux"]) == len(model.blocks) == 2  # one aux output per clustering layer
+    assert len(out["reference_points"]) == 2
+    (_, first_out), (second_in, _) = seen
+    assert second_in[3] is first_out[3]  # block 2 receives block 1's clustering state
+    with torch.no_grad():
+        for layer, (aux, (inputs, outputs)) in enumerate(zip(out["aux"], seen)):
+            assert set(aux) == {"class_logits", "mask_logits"}
+            state = outputs[3]
+            assert state["assignment_logits"].shape == (2, N, frames * 3 * 4)
+            torch.testing.assert_close(out["reference_points"][layer], state["reference_points"])
+            S = state["assignment_logits"].reshape(2, N, frames, 3, 4)
+            tubes = aux["mask_logits"]
+            assert tubes.shape == (2, N, frames, h, w)
+            # align_corners: the stride-16 pixels sit on every 4th stride-4 pixel, in between
+            # the values are linear (weights 3/4, 1/2, 1/4).
+            torch.testing.assert_close(tubes[..., ::4, ::4], S)
+            for k in (1, 2, 3):
+                between = (1 - k / 4) * S[..., :-1, :] + k / 4 * S[..., 1:, :]
+                torch.testing.assert_close(tubes[..., k::4, ::4], between)
+            # Class logits from the centres that made the assignment: this block's input memory.
+            torch.testing.assert_close(aux["class_logits"], model.classify(inputs[1]))
+        torch.testing.assert_close(out["class_logits"], model.classify(seen[-1][1][1]))
+        learned = model.classify(model.memory)
+        torch.testing.assert_close(out["aux"][0]["class_logits"], learned.expand(2, -1, -1))
+    assert not torch.allclose(out["aux"][0]["mask_logits"], out["aux"][1]["mask_logits"])
+
+
+def test_clustering_switch_reference_point_options():
+    torch.manual_seed(8)
+    x = torch.rand(1, 2, 3, 33, 33) * 255
+    model = build_model("tiny", memory_update="clustering", num_reference_points=3).eval()
+    with torch.no_grad():
+        points = model(x)["reference_points"]
+    assert [p.shape for p in points] == [(1, 32, 3, 2)] * 2
+    assert all(p.min() >= 0 and p.max() <= 1 for p in points)
+    plain = build_model(
+        "tiny", memory_update="clustering", num_reference_points=0, coord_conv=False
+    ).eval()
+    with torch.no_grad():
+        out = plain(x)
+    assert "reference_points" not in out and len(out["aux"]) == 2
+    assert not hasattr(plain.blocks[0].global_path, "reference_mlp1")
+    with pytest.raises(ValueError, match="reference points"):
+        build_model("tiny", memory_update="clustering", num_reference_points=0)
+    with pytest.raises(ValueError, match="assignment"):
+        build_model("tiny", memory_update="clustering", clustering_assignment="hard")
+
+
+@pytest.mark.parametrize("mode", ["soft", "argmax"])
+def test_clustering_switch_checkpointing_same_outputs_and_gradients(mode):
+    """Checkpointed blocks carry the clustering state through the recompute unchanged."""
+    torch.manual_seed(9)
+    kwargs = dict(memory_update="clustering", clustering_assignment=mode, drop_path_keep_prob=0.8)
+    plain = build_model("tiny", **kwargs).train()
+    randomize_batch_norms(plain)
+    ckpt = build_model("tiny", **kwargs, gradient_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 2, 3, 33, 49) * 255
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(10)  # same drop-path masks
+        out = model(x)
+        loss = out["mask_logits"].square().mean() + out["class_logits"].square().mean()
+        for aux, points in zip(out["aux"], out["reference_points"]):
+            loss = loss + aux["mask_logits"].square().mean() + aux["class_logits"].mean()
+            loss = loss + points.square().mean()
+        loss.backward()
+        results.append(out)
+    for key in ("mask_logits", "class_logits"):
+        torch.testing.assert_close(results[0][key], results[1][key])
+    for a, b in zip(results[0]["aux"], results[1]["aux"]):
+        torch.testing.assert_close(a["mask_logits"], b["mask_logits"])
+    for a, b in zip(results[0]["reference_points"], results[1]["reference_points"]):
+        torch.testing.assert_close(a, b)
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        # Every weight is used, also with argmax (its S is deeply supervised): DDP-safe.
+        if not name.startswith("semantic_head"):
+            assert a.grad is not None and b.grad is not None, name
+            torch.testing.assert_close(a.grad, b.grad, msg=name, atol=1e-5, rtol=1e-4)
+    assert plain.blocks[1].global_path.pixel_cluster_key.linear.weight.grad.abs().sum() > 0
+    for (name, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        torch.testing.assert_close(a, b, msg=name)
