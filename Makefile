@@ -1,0 +1,60 @@
+# minivseg — `make help` lists the targets. A fresh clone needs only `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DATA   ?=
+NGPUS  ?= 1
+SYNTH  := data/synthetic
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help demo test lessons notebooks lint format data-samples bench train-kitti clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip >/dev/null
+	$(VENV)/bin/pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## synthetic data -> train the tiny TubeFormer on CPU -> STQ/VPQ/mIoU + overlays
+	@test -d $(SYNTH)/panoptic_maps/val || $(PY) -m minivseg.synthetic --out $(SYNTH) \
+		--train-seqs 8 --val-seqs 2 --frames 30 --seed 0
+	$(PY) -m minivseg.train --preset=demo --data=$(SYNTH) --out_dir=runs/demo $(ARGS)
+	$(PY) -m minivseg.evaluate --checkpoint runs/demo/last.pt --data $(SYNTH) --split val \
+		--out runs/demo/eval
+	@echo "overlay GIFs: runs/demo/eval/overlays/  loss curve: runs/demo/loss_curve.png"
+
+test: $(STAMP)  ## run the whole test suite (unit tests, lessons, training smoke runs)
+	$(PY) -m pytest
+
+lessons: $(STAMP)  ## run every lesson as a script (headless)
+	@for f in lessons/[0-9][0-9]_*.py; do echo "== $$f"; MPLBACKEND=Agg $(PY) $$f || exit 1; done
+
+notebooks: $(STAMP)  ## convert lessons to .ipynb notebooks (git-ignored)
+	$(VENV)/bin/jupytext --to ipynb lessons/[0-9][0-9]_*.py
+
+lint: $(STAMP)  ## ruff lint + format check
+	$(VENV)/bin/ruff check minivseg tests lessons
+	$(VENV)/bin/ruff format --check minivseg tests lessons
+
+format: $(STAMP)  ## apply ruff formatting
+	$(VENV)/bin/ruff format minivseg tests lessons
+
+data-samples: $(STAMP)  ## regenerate data_samples/ with the synthetic generator
+	rm -rf data_samples/images data_samples/panoptic_maps
+	$(PY) -m minivseg.synthetic --out data_samples --train-seqs 2 --val-seqs 1 --frames 8 --seed 0
+
+bench: $(STAMP)  ## benchmarks: metrics vs reference, sparse vs dense temporal attention
+	$(PY) tests/benchmarks/bench_metrics.py
+	$(PY) tests/benchmarks/bench_sparse_temporal.py
+
+train-kitti: $(STAMP)  ## full TubeFormer-DeepLab-B1 on KITTI-STEP: make train-kitti DATA=/path [NGPUS=k]
+	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/kitti-step (see README: KITTI-STEP)"; exit 2; }
+	$(PY) -m minivseg.data --check $(DATA) --splits train val
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) -m minivseg.train --preset=kitti --data=$(DATA) $(ARGS)
+
+clean:  ## remove generated data, runs and notebooks (keeps .venv)
+	rm -rf data runs outputs lessons/*.ipynb .pytest_cache .ruff_cache

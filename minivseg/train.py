@@ -1,0 +1,366 @@
+"""Training loop: ``python -m minivseg.train --preset NAME [--field=value ...]``.
+
+Presets: demo, kitti, stt_demo, vistr_demo (`minivseg.config`).
+
+Reads top to bottom: setup → data → model and loss → optimizer and schedule → resume → loop with
+logging, checkpoints and evaluation. Multi-GPU is ``torchrun --nproc_per_node=K -m minivseg.train``
+(DistributedDataParallel, sync BN on CUDA). Everything lives in ``main(cfg)`` so tests can run two
+steps. Resuming (``--resume``) restores model, optimizer, schedule, step and RNG states; the data
+order is a pure function of (seed, step), so a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from minivseg.config import TrainConfig, apply_overrides, parse_args
+from minivseg.data import KittiStepClips, collate_clips, worker_init_fn
+from minivseg.panoptic import IGNORE_LABEL, LABEL_DIVISOR, NUM_CLASSES, THING_CLASSES
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Endless keys ``epoch * n + index`` (fresh permutation per epoch), from a global position.
+
+    Process ``rank`` of ``world`` takes every ``world``-th sample, so K processes with batch b see
+    the same global batch as one process with batch K*b.
+    """
+
+    def __init__(self, num_items: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.num_items, self.seed, self.start, self.rank, self.world = (
+            num_items,
+            seed,
+            start,
+            rank,
+            world,
+        )
+
+    def __iter__(self):
+        position = self.start + self.rank
+        while True:
+            epoch, index = divmod(position, self.num_items)
+            permutation = np.random.default_rng((self.seed, epoch)).permutation(self.num_items)
+            yield epoch * self.num_items + int(permutation[index])
+            position += self.world
+
+
+def build_task(cfg: TrainConfig):
+    """Model and loss for the task; model fields come from ``--model.FIELD=value``."""
+    if cfg.task == "tubeformer":
+        from minivseg.tube_loss import TubeLoss
+        from minivseg.tubeformer import TubeFormerConfig, build_model
+
+        overrides = apply_overrides(TubeFormerConfig(), cfg.model_overrides, "model.")
+        changed = {k: getattr(overrides, k) for k in cfg.model_overrides}
+        if cfg.grad_checkpointing:
+            changed["gradient_checkpointing"] = True
+        model = build_model(cfg.model, **changed)
+        return model, TubeLoss(NUM_CLASSES, THING_CLASSES, num_slots=model.cfg.num_slots)
+    if cfg.task == "stt":
+        from minivseg.sparse_temporal import STTConfig, build_stt
+
+        overrides = apply_overrides(STTConfig(), cfg.model_overrides, "model.")
+        changed = {k: getattr(overrides, k) for k in cfg.model_overrides}
+        changed.setdefault("num_key_frames", cfg.clip_length - 1)  # clip = keys + current frame
+        model = build_stt(cfg.model, **changed)
+        return model, last_frame_semantic_loss
+    if cfg.task == "vistr":
+        from minivseg.vistr import VisTRConfig, VisTRLoss, build_vistr
+
+        overrides = apply_overrides(VisTRConfig(), cfg.model_overrides, "model.")
+        changed = {k: getattr(overrides, k) for k in cfg.model_overrides}
+        changed.setdefault("num_frames", cfg.clip_length)  # queries are laid out per frame
+        model = build_vistr(cfg.model, **changed)
+        return model, VisTRLoss(model.cfg)
+    raise ValueError(f"unknown task {cfg.task!r}: tubeformer, stt or vistr")
+
+
+def last_frame_semantic_loss(outputs, batch):
+    """STT: cross-entropy of the last frame's semantic logits (void ignored)."""
+    target = batch["panoptic"][:, -1] // LABEL_DIVISOR
+    loss = F.cross_entropy(outputs["semantic_logits"].float(), target, ignore_index=IGNORE_LABEL)
+    return loss, {"semantic": loss.detach()}
+
+
+def compute_loss(model, criterion, batch, cfg: TrainConfig):
+    """Forward + loss; with temporal consistency, a (T+1)-frame clip gives two overlapping clips."""
+    if cfg.temporal_consistency <= 0:
+        return criterion(model(batch["frames"]), batch)
+    from minivseg.tube_loss import temporal_consistency_loss
+
+    total, terms = 0.0, {}
+    outputs = []
+    for name, window in (("a", slice(0, -1)), ("b", slice(1, None))):
+        clip = {
+            **batch,
+            "frames": batch["frames"][:, window],
+            "panoptic": batch["panoptic"][:, window],
+        }
+        outputs.append(model(clip["frames"]))
+        loss, clip_terms = criterion(outputs[-1], clip)
+        total = total + 0.5 * loss
+        terms.update({f"{name}_{k}": v for k, v in clip_terms.items()})
+    overlap = cfg.clip_length - 1
+    consistency = temporal_consistency_loss(
+        outputs[0]["mask_logits"], outputs[1]["mask_logits"], overlap
+    )
+    terms["temporal_consistency"] = consistency.detach()
+    return total + cfg.temporal_consistency * consistency, terms
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then poly decay to 0 at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return max(0.0, 1.0 - progress) ** cfg.poly_power
+
+
+def param_groups(model, cfg: TrainConfig):
+    """Pretrained backbone weights get ``backbone_lr_multiplier``; the rest the full LR."""
+    pretrained = set()
+    if cfg.pretrained and hasattr(model, "resnet_view"):
+        pretrained = {id(p) for p in model.resnet_view().parameters()}
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) in pretrained]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in pretrained]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_multiplier})
+    return groups
+
+
+def rng_state() -> dict:
+    state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [state[0], torch.from_numpy(state[1].astype(np.int64)), *state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Atomic write: temp file, keep the previous checkpoint as prev.pt, then rename."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    if path.exists():
+        os.replace(path, path.with_name("prev.pt"))
+    os.replace(tmp, path)
+
+
+def plot_losses(log_path: Path, out_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if '"loss"' in line]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="total")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=log_path.parent.name)
+    ax.legend()
+    fig.savefig(out_path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def progress(step: int, cfg: TrainConfig, loss: float, start_time: float, start_step: int) -> None:
+    rate = (step - start_step) / max(time.time() - start_time, 1e-9)
+    eta = (cfg.max_steps - step) / max(rate, 1e-9)
+    line = f"step {step}/{cfg.max_steps} loss {loss:.4f} {rate:.2f} it/s ETA {eta / 60:.1f} min"
+    if sys.stderr.isatty():
+        print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
+    elif step % cfg.log_every == 0 or step == cfg.max_steps:
+        print(line, file=sys.stderr, flush=True)
+
+
+def main(cfg: TrainConfig) -> dict:
+    # --- setup: processes, device, seeds, output folder --------------------------------------
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                              if torch.cuda.is_available() else "cpu")  # fmt: skip
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path, log_path = out_dir / "last.pt", out_dir / "log.jsonl"
+    is_main = rank == 0
+
+    # --- data ----------------------------------------------------------------------------------
+    clip_length = cfg.clip_length + (1 if cfg.temporal_consistency > 0 else 0)
+    dataset = KittiStepClips(cfg.data, cfg.train_split, clip_length, crop_size=cfg.crop_size,
+                             scale_range=cfg.scale_range, flip=cfg.flip,
+                             clip_paste=cfg.clip_paste, seed=cfg.seed)  # fmt: skip
+
+    # --- model, loss ---------------------------------------------------------------------------
+    model, criterion = build_task(cfg)
+    if cfg.pretrained:
+        from minivseg.backbone import load_torchvision_resnet50
+
+        state_dict = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+        report = load_torchvision_resnet50(model.resnet_view(), state_dict)
+        print(
+            f"pretrained: loaded {len(report['loaded'])}, skipped {len(report['skipped'])} tensors"
+        )
+    model.to(device)
+    if distributed and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_model = model
+    if distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)  # fmt: skip
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    autocast = torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"
+    )
+
+    # --- optimizer and schedule ----------------------------------------------------------------
+    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    optimizer = optimizer_class(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+    # --- resume --------------------------------------------------------------------------------
+    step, nonfinite_in_a_row, skipped_steps = 0, 0, 0
+    if cfg.resume and checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        step, skipped_steps = checkpoint["step"], checkpoint["skipped_steps"]
+        set_rng_state(
+            checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0]
+        )
+        if is_main:
+            print(f"resumed from {checkpoint_path} at step {step}")
+    elif cfg.resume and is_main:
+        print(f"--resume: no checkpoint at {checkpoint_path}, starting from scratch")
+
+    samples_per_step = cfg.batch_size * cfg.accumulate * world
+    sampler = ResumableSampler(len(dataset), cfg.seed, step * samples_per_step, rank, world)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=collate_clips, worker_init_fn=worker_init_fn, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
+        persistent_workers=cfg.num_workers > 0,
+    )  # fmt: skip
+    batches = iter(loader)
+
+    # --- loop ----------------------------------------------------------------------------------
+    if is_main:
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        print(f"training {cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{len(dataset)} clips, device {device}, world {world}, out {out_dir}")  # fmt: skip
+    model.train()
+    if cfg.freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    start_time, start_step, last = time.time(), step, {}
+    while step < cfg.max_steps:
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, terms_sum = 0.0, {}
+        for _ in range(cfg.accumulate):
+            batch = next(batches)
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}  # fmt: skip
+            with autocast:
+                loss, terms = compute_loss(train_model, criterion, batch, cfg)
+            (loss / cfg.accumulate).backward()
+            loss_sum += loss.detach() / cfg.accumulate
+            for name, value in terms.items():
+                terms_sum[name] = (
+                    terms_sum.get(name, 0.0)
+                    + float(torch.as_tensor(value).detach()) / cfg.accumulate
+                )
+        if distributed:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        loss_value = float(loss_sum)
+        if not math.isfinite(loss_value):
+            nonfinite_in_a_row, skipped_steps = nonfinite_in_a_row + 1, skipped_steps + 1
+            print(f"step {step}: non-finite loss ({loss_value}), step skipped", file=sys.stderr)
+            if nonfinite_in_a_row >= cfg.max_nonfinite:
+                raise RuntimeError(
+                    f"{nonfinite_in_a_row} non-finite losses in a row at step {step}; stopping. "
+                    f"Try a lower --lr, --grad_clip, or --bf16=false; last good checkpoint: "
+                    f"{checkpoint_path}"
+                )
+            schedule.step()
+            step += 1
+            continue
+        nonfinite_in_a_row = 0
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        last = {"step": step, "loss": loss_value, "lr": schedule.get_last_lr()[0], **terms_sum}
+        if is_main:
+            progress(step, cfg, loss_value, start_time, start_step)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                with log_path.open("a") as log:
+                    log.write(json.dumps({**last, "time": time.time() - start_time}) + "\n")
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            states = [rng_state()]
+            if distributed:
+                states = [None] * world
+                dist.all_gather_object(states, rng_state())
+            if is_main:
+                save_checkpoint(checkpoint_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "step": step, "rng": states,
+                    "config": dataclasses.asdict(cfg), "skipped_steps": skipped_steps,
+                })  # fmt: skip
+                plot_losses(log_path, out_dir / "loss_curve.png")
+        if cfg.eval_every and step % cfg.eval_every == 0 and is_main:
+            from minivseg.evaluate import evaluate_model
+
+            metrics = evaluate_model(model, cfg, cfg.data, cfg.eval_split, device=device,
+                                     max_sequences=cfg.eval_sequences)  # fmt: skip
+            with log_path.open("a") as log:
+                log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+            model.train()
+    if is_main and sys.stderr.isatty():
+        print(file=sys.stderr)
+    if distributed:
+        dist.barrier()
+    return {**last, "skipped_steps": skipped_steps, "model": model}
+
+
+if __name__ == "__main__":
+    try:
+        config = parse_args(sys.argv[1:])
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    main(config)
