@@ -1,0 +1,81 @@
+"""Video evaluation: sliding windows, stitching, metrics, exported predictions and overlays."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minivseg import evaluate as E
+from minivseg import train as train_module
+from minivseg.config import demo
+from minivseg.panoptic import read_kitti_step_png
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data_samples"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    small = dict(max_steps=2, batch_size=1, num_workers=0, crop_size=(65, 97), checkpoint_every=2)
+    cfg = dataclasses.replace(demo(), data=str(SAMPLES), out_dir=str(out), device="cpu", **small)
+    train_module.main(cfg)
+    return out / "last.pt"
+
+
+def test_windows_and_padding():
+    assert E.clip_windows(4, 2) == [[0, 1], [1, 2], [2, 3]]
+    assert E.clip_windows(1, 3) == [[0, 0, 0]]
+    assert E.clip_windows(2, 3) == [[0, 0, 1]]
+    assert [E.padded_size(n) for n in (128, 129, 375, 1242, 416)] == [129, 129, 385, 1249, 417]
+
+
+def test_evaluate_writes_metrics_predictions_and_overlays(checkpoint, tmp_path):
+    metrics = E.main(["--checkpoint", str(checkpoint), "--data", str(SAMPLES), "--split", "val",
+                      "--out", str(tmp_path)])  # fmt: skip
+    stored = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("STQ", "AQ", "SQ", "VPQ", "mIoU"):
+        assert key in stored and 0.0 <= stored[key] <= (100.0 if key.startswith("VPQ") else 1.0)
+    assert stored == pytest.approx(metrics)
+    sequence = next((SAMPLES / "images" / "val").iterdir()).name
+    frames = sorted((SAMPLES / "images" / "val" / sequence).glob("*.png"))
+    predicted = tmp_path / "panoptic_maps" / "val" / sequence
+    assert sorted(p.name for p in predicted.glob("*.png")) == [p.name for p in frames]
+    pan = read_kitti_step_png(predicted / frames[0].name)
+    assert (
+        pan.shape
+        == read_kitti_step_png(SAMPLES / "panoptic_maps" / "val" / sequence / frames[0].name).shape
+    )
+    assert (tmp_path / "overlays" / f"{sequence}.gif").stat().st_size > 0
+
+
+def test_predictions_have_consistent_ids_over_the_video(checkpoint):
+    model, cfg = E.load_model(checkpoint)
+    frames = torch.rand(5, 3, 40, 60) * 255
+    panoptic, semantic = E.predict_video(model, cfg, frames)
+    assert panoptic.shape == (5, 40, 60) and semantic.shape == (5, 40, 60)
+    assert np.array_equal(panoptic[panoptic != 255000] // 1000, semantic[panoptic != 255000])
+
+
+def test_frames_folder_without_labels(checkpoint, tmp_path):
+    folder = tmp_path / "my_video"
+    folder.mkdir()
+    sequence = next((SAMPLES / "images" / "val").iterdir())
+    for path in sorted(sequence.glob("*.png"))[:3]:
+        shutil.copy(path, folder / path.name)
+    E.main(["--checkpoint", str(checkpoint), "--frames", str(folder), "--out", str(tmp_path / "o")])
+    assert len(list((tmp_path / "o" / "panoptic_maps" / "frames" / "my_video").glob("*.png"))) == 3
+    assert (tmp_path / "o" / "overlays" / "my_video.gif").exists()
+
+
+def test_clear_errors(checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        E.main(["--checkpoint", str(tmp_path / "nope.pt"), "--data", str(SAMPLES)])
+    with pytest.raises(SystemExit, match="not found"):
+        E.main(["--checkpoint", str(checkpoint), "--data", str(tmp_path), "--split", "val"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no .png or .jpg"):
+        E.main(["--checkpoint", str(checkpoint), "--frames", str(tmp_path / "empty")])
