@@ -247,7 +247,9 @@ def main(cfg: TrainConfig) -> dict:
 
     # --- optimizer and schedule ----------------------------------------------------------------
     optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
-    optimizer = optimizer_class(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = optimizer_class(
+        param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
     # --- resume --------------------------------------------------------------------------------
