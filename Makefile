@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)  ## synthetic data -> train the tiny TubeFormer on CPU -> STQ/VPQ/mIoU + overlays
 	@test -d $(SYNTH)/panoptic_maps/val || $(PY) -m minivseg.synthetic --out $(SYNTH) \
-		--train-seqs 8 --val-seqs 2 --frames 30 --seed 0
+		--train-seqs 16 --val-seqs 2 --frames 30 --seed 0
 	$(PY) -m minivseg.train --preset=demo --data=$(SYNTH) --out_dir=runs/demo $(ARGS)
 	$(PY) -m minivseg.evaluate --checkpoint runs/demo/last.pt --data $(SYNTH) --split val \
 		--out runs/demo/eval

@@ -61,9 +61,14 @@ class TrainConfig:
 
 
 def demo() -> TrainConfig:
-    """Tiny TubeFormer on the synthetic street video, CPU, about 10 minutes on 2 cores."""
-    return TrainConfig(preset="demo", max_steps=1200, lr=2e-3, warmup_steps=50, batch_size=2,
-                       checkpoint_every=200, log_every=20, num_workers=1)  # fmt: skip
+    """Tiny TubeFormer on the synthetic street video, CPU, about 10 minutes on 2 cores.
+
+    Crops of 81x257 (a quarter of a 128x416 frame, 16k+1) make a step ~4x cheaper than full
+    frames; evaluation still runs on whole frames.
+    """
+    return TrainConfig(preset="demo", crop_size=(81, 257), max_steps=2000, lr=3e-3,
+                       warmup_steps=50, batch_size=2, checkpoint_every=250, log_every=25,
+                       num_workers=1)  # fmt: skip
 
 
 def kitti() -> TrainConfig:
@@ -90,10 +95,14 @@ def stt_demo() -> TrainConfig:
 
 
 def vistr_demo() -> TrainConfig:
-    """Compact VisTR (thing tracks of the synthetic video, VIS task), CPU."""
-    return TrainConfig(preset="vistr_demo", task="vistr", model="tiny", clip_length=3,
-                       max_steps=800, lr=5e-4, out_dir="runs/vistr_demo", checkpoint_every=200,
-                       log_every=20, num_workers=1)  # fmt: skip
+    """Compact VisTR (thing tracks of the synthetic video, VIS task), CPU.
+
+    Same clips (T=2), crop and number of steps as ``demo``, so the two models can be compared on
+    video mask AP at one budget.
+    """
+    return TrainConfig(preset="vistr_demo", task="vistr", model="tiny", crop_size=(81, 257),
+                       max_steps=2000, lr=5e-4, out_dir="runs/vistr_demo", checkpoint_every=250,
+                       log_every=25, num_workers=1)  # fmt: skip
 
 
 PRESETS = {"demo": demo, "kitti": kitti, "stt_demo": stt_demo, "vistr_demo": vistr_demo}

@@ -29,6 +29,7 @@ from minivseg.panoptic import (
     LABEL_DIVISOR,
     NUM_CLASSES,
     THING_CLASSES,
+    VOID_ID,
     read_kitti_step_png,
     semantic_of,
     write_kitti_step_png,
@@ -55,10 +56,16 @@ def pad_frames(frames: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_tubeformer(model, frames: torch.Tensor, clip_length: int, batch_size: int = 4):
+def predict_tubeformer(
+    model, frames, clip_length: int, batch_size: int = 4, fill_void=True, thresholds=None
+):
     """Stitched video panoptic ``(F, H, W)`` and semantic ``(F, H, W)`` of one sequence.
 
     Each frame's semantic label comes from the newest clip that covers it, like its tube id.
+    With ``fill_void``, pixels the thresholds left void take the unthresholded semantic class
+    (instance 0). deeplab2's STQ scores a void prediction on a labelled pixel as an extra class
+    of IoU 0, while an instance-0 thing pixel can only add to AQ; VPQ may count it as a false
+    positive. ``--keep-void`` evaluates deeplab2's MaX-DeepLab output unchanged.
     """
     from minivseg.inference import clip_inference
     from minivseg.stitching import stitch_clips
@@ -67,26 +74,35 @@ def predict_tubeformer(model, frames: torch.Tensor, clip_length: int, batch_size
     padded = pad_frames(frames)
     size, class_ids = tuple(padded.shape[-2:]), model.thing_stuff_class_ids
     windows = clip_windows(len(frames), clip_length)
+    options = {"pixel": thresholds or {}, "semantic": {}}
     panoptic_clips, semantic_clips = [], []
     for k in range(0, len(windows), batch_size):
         outputs = model(torch.stack([padded[w] for w in windows[k : k + batch_size]]))
         for mode, store in (("pixel", panoptic_clips), ("semantic", semantic_clips)):
             store += [
                 c[..., :height, :width].cpu()
-                for c in clip_inference(outputs, size, class_ids, mode)
+                for c in clip_inference(outputs, size, class_ids, mode, **options[mode])
             ]
     video = stitch_clips(panoptic_clips, stride=1)
     if len(frames) < clip_length:
-        return video[-len(frames) :], semantic_clips[0][-len(frames) :].numpy()
-    last = len(windows) - 1
-    semantic = [semantic_clips[min(f, last)][f - min(f, last)] for f in range(len(frames))]
-    return video, torch.stack(semantic).numpy()
+        video, semantic = video[-len(frames) :], semantic_clips[0][-len(frames) :].numpy()
+    else:
+        last = len(windows) - 1
+        semantic = [semantic_clips[min(f, last)][f - min(f, last)] for f in range(len(frames))]
+        semantic = torch.stack(semantic).numpy()
+    if fill_void:  # a void prediction is always an error for STQ: give every pixel a class
+        video = np.where(video == VOID_ID, semantic * LABEL_DIVISOR, video)
+    return video, semantic
 
 
-def predict_video(model, cfg: TrainConfig, frames: torch.Tensor):
-    """Panoptic ``(F, H, W)`` and semantic ``(F, H, W)`` predictions for any task's model."""
+def predict_video(model, cfg: TrainConfig, frames, fill_void: bool = True, thresholds=None):
+    """Panoptic ``(F, H, W)`` and semantic ``(F, H, W)`` predictions for any task's model.
+
+    ``thresholds``: TubeFormer's ``class_threshold`` / ``pixel_threshold`` (deeplab2: 0.7 / 0.4).
+    """
     if cfg.task == "tubeformer":
-        return predict_tubeformer(model, frames, cfg.clip_length)
+        return predict_tubeformer(model, frames, cfg.clip_length, fill_void=fill_void,
+                                  thresholds=thresholds)  # fmt: skip
     if cfg.task == "stt":
         semantic = model.predict_video(frames).cpu().numpy()
         return semantic * LABEL_DIVISOR, semantic
@@ -97,7 +113,7 @@ def predict_video(model, cfg: TrainConfig, frames: torch.Tensor):
 
 
 @torch.no_grad()
-def vis_tubes_tubeformer(model, frames: torch.Tensor, clip_length: int, mode: str):
+def vis_tubes_tubeformer(model, frames: torch.Tensor, clip_length: int, mode: str, thresholds=None):
     """(mask (T,H,W), class, score) per thing tube of each non-overlapping clip (VIS evaluation)."""
     from minivseg.inference import clip_inference
 
@@ -106,7 +122,9 @@ def vis_tubes_tubeformer(model, frames: torch.Tensor, clip_length: int, mode: st
     for start in range(0, len(frames) - clip_length + 1, clip_length):
         clip = frames[start : start + clip_length]
         outputs = model(pad_frames(clip)[None])
-        panoptic = clip_inference(outputs, size, model.thing_stuff_class_ids, mode)[0]
+        panoptic = clip_inference(
+            outputs, size, model.thing_stuff_class_ids, mode, **(thresholds or {})
+        )[0]
         panoptic = panoptic[:, :height, :width].cpu().numpy()
         confidence = outputs["class_logits"][0].float().softmax(-1)[:, :-1].max(-1).values
         tubes = []
@@ -126,8 +144,10 @@ def read_sequence(root: Path, split: str, sequence: str, names: list[str], label
     return frames, np.stack([read_kitti_step_png(label_dir / f"{n}.png") for n in names])
 
 
-def evaluate_model(model, cfg: TrainConfig, root, split="val", device="cpu", out_dir=None,
-                   max_sequences=0, labels=True, gifs=True, sequences=None) -> dict:  # fmt: skip
+def evaluate_model(
+    model, cfg: TrainConfig, root, split="val", device="cpu", out_dir=None, max_sequences=0,
+    labels=True, gifs=True, sequences=None, fill_void=True, thresholds=None,
+) -> dict:  # fmt: skip
     """Predict every sequence of a split, score it, optionally write PNGs and GIFs."""
     from minivseg.metrics import STQ, VPQ, Flicker, MeanIoU, VideoAP
 
@@ -137,19 +157,20 @@ def evaluate_model(model, cfg: TrainConfig, root, split="val", device="cpu", out
     names = list(sequences)[: max_sequences or None]
     stq, vpq = STQ(NUM_CLASSES, THING_CLASSES), VPQ(NUM_CLASSES, THING_CLASSES)
     miou, flicker = MeanIoU(NUM_CLASSES), Flicker()
-    video_ap = (
-        {"pixel": VideoAP(), "mask": VideoAP()}
-        if cfg.task == "tubeformer"
-        else {"vistr": VideoAP()}
-    )
+    video_ap = {
+        "tubeformer": {"pixel": VideoAP(), "mask": VideoAP()},
+        "vistr": {"vistr": VideoAP()},
+    }
+    video_ap = video_ap.get(cfg.task, {})
     model.eval().to(device)
     for number, sequence in enumerate(names):
         frames, gt = read_sequence(root, split, sequence, sequences[sequence], labels)
         frames = frames.to(device)
-        panoptic, semantic = predict_video(model, cfg, frames)
+        panoptic, semantic = predict_video(model, cfg, frames, fill_void, thresholds)
         if gt is not None and cfg.task == "tubeformer":
             for mode, metric in video_ap.items():
-                for start, tubes in vis_tubes_tubeformer(model, frames, cfg.clip_length, mode):
+                clips = vis_tubes_tubeformer(model, frames, cfg.clip_length, mode, thresholds)
+                for start, tubes in clips:
                     metric.update(gt[start : start + cfg.clip_length], tubes)
         if gt is not None and cfg.task == "vistr":
             from minivseg.vistr import predict_tubes
@@ -173,9 +194,10 @@ def evaluate_model(model, cfg: TrainConfig, root, split="val", device="cpu", out
         print(f"  [{number + 1}/{len(names)}] {sequence}: {len(frames)} frames", flush=True)
     if not labels:
         return {}
-    results = {**{k: v for k, v in stq.result().items() if k in ("STQ", "AQ", "SQ")},
-               **{k: v for k, v in vpq.result().items() if k.startswith("VPQ")},
-               "mIoU": miou.result()["mIoU"], "flicker": flicker.result()["flicker"]}  # fmt: skip
+    results = {"mIoU": miou.result()["mIoU"], "flicker": flicker.result()["flicker"]}
+    if cfg.task != "stt":  # a semantic model has no tracks: STQ and VPQ would not mean anything
+        results.update({k: v for k, v in stq.result().items() if k in ("STQ", "AQ", "SQ")})
+        results.update({k: v for k, v in vpq.result().items() if k.startswith("VPQ")})
     for name, metric in video_ap.items():
         results.update({f"{name}_{k}": v for k, v in metric.result().items()})
     return {k: float(v) for k, v in results.items() if np.isscalar(v)}
@@ -222,11 +244,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--frames", help="folder of frames without labels (prediction only)")
     parser.add_argument("--out", help="write PNG predictions, overlay GIFs and metrics.json here")
     parser.add_argument("--max-sequences", type=int, default=0, help="first N sequences only")
+    parser.add_argument("--class-threshold", type=float, default=0.7, help="deeplab2: 0.7")
+    parser.add_argument("--pixel-threshold", type=float, default=0.4, help="deeplab2: 0.4")
+    parser.add_argument(
+        "--keep-void",
+        action="store_true",
+        help="keep pixels below the confidence thresholds void (deeplab2 MaX output)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"error: {args.checkpoint}: no such checkpoint")
     model, cfg = load_model(args.checkpoint, args.device)
+    thresholds = {"class_threshold": args.class_threshold, "pixel_threshold": args.pixel_threshold}
     out = Path(args.out) if args.out else None
     if args.frames:
         folder = Path(args.frames)
@@ -240,7 +270,7 @@ def main(argv=None) -> dict:
         except (ValueError, RuntimeError) as error:  # unreadable file, or frames of several sizes
             raise SystemExit(f"error: {error}") from None
         out = out or Path("outputs") / folder.name
-        panoptic, _ = predict_video(model, cfg, frames.to(args.device))
+        panoptic, _ = predict_video(model, cfg, frames.to(args.device), thresholds=thresholds)
         write_predictions(out, "frames", folder.name, [p.stem for p in paths], frames, panoptic)
         print(f"predictions and overlay GIF for {len(paths)} frames in {out}")
         return {}
@@ -249,7 +279,8 @@ def main(argv=None) -> dict:
     try:
         has_labels = (Path(args.data) / "panoptic_maps" / args.split).is_dir()
         metrics = evaluate_model(model, cfg, args.data, args.split, args.device, out,
-                                 args.max_sequences, labels=has_labels)  # fmt: skip
+                                 args.max_sequences, labels=has_labels,
+                                 fill_void=not args.keep_void, thresholds=thresholds)  # fmt: skip
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if metrics:

@@ -169,20 +169,18 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
 
 
 def plot_losses(log_path: Path, out_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss-curve PNG from the JSONL log (a bare Figure: no pyplot, no backend switch)."""
+    from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if '"loss"' in line]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="total")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=log_path.parent.name)
     ax.legend()
     fig.savefig(out_path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def progress(step: int, cfg: TrainConfig, loss: float, start_time: float, start_step: int) -> None:

@@ -79,3 +79,18 @@ def test_clear_errors(checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .png or .jpg"):
         E.main(["--checkpoint", str(checkpoint), "--frames", str(tmp_path / "empty")])
+
+
+def test_fill_void_and_thresholds(checkpoint):
+    model, cfg = E.load_model(checkpoint)
+    frames = torch.rand(3, 3, 33, 49) * 255
+    kept, semantic = E.predict_video(model, cfg, frames, fill_void=False)
+    filled, _ = E.predict_video(model, cfg, frames, fill_void=True)
+    assert (filled != 255000).all()  # every pixel gets a class
+    void = kept == 255000
+    assert void.any()  # an untrained model is unsure almost everywhere
+    np.testing.assert_array_equal(filled[void], semantic[void] * 1000)
+    np.testing.assert_array_equal(filled[~void], kept[~void])
+    strict = {"class_threshold": 1.0, "pixel_threshold": 1.0}
+    nothing, _ = E.predict_video(model, cfg, frames, fill_void=False, thresholds=strict)
+    assert (nothing == 255000).all()  # no slot passes a class confidence of 1.0
