@@ -102,7 +102,13 @@ def ddp_worker(rank, cfg, port, queue):
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    common = dict(max_steps=1, freeze_batchnorm=True, grad_clip=0.0, checkpoint_every=100)
+    common = dict(
+        max_steps=1,
+        freeze_batchnorm=True,
+        grad_clip=0.0,
+        checkpoint_every=100,
+        temporal_consistency=1.0,
+    )  # two forwards per step under DDP
     single = train_module.main(small("demo", tmp_path / "one", batch_size=2, **common))
     cfg = small("demo", tmp_path / "two", batch_size=1, **common)
     context = mp.get_context("spawn")
