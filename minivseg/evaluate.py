@@ -57,9 +57,13 @@ def pad_frames(frames: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_tubeformer(
-    model, frames, clip_length: int, batch_size: int = 4, fill_void=True, thresholds=None
+    model, frames, clip_length: int, batch_size=4, fill_void=True, thresholds=None, vis_tubes=None
 ):
     """Stitched video panoptic ``(F, H, W)`` and semantic ``(F, H, W)`` of one sequence.
+
+    ``vis_tubes``: an optional dict ``{mode: []}`` ("pixel" and/or "mask"); it is filled with
+    ``(start, tubes)`` for the non-overlapping clips (starts 0, T, 2T, ...) from the same model
+    outputs, for video mask AP (`thing_tubes`).
 
     Each frame's semantic label comes from the newest clip that covers it, like its tube id.
     With ``fill_void``, pixels the thresholds left void take the unthresholded semantic class
@@ -83,6 +87,13 @@ def predict_tubeformer(
                 c[..., :height, :width].cpu()
                 for c in clip_inference(outputs, size, class_ids, mode, **options[mode])
             ]
+        for mode, found in (vis_tubes or {}).items():
+            clips = clip_inference(outputs, size, class_ids, mode, **(thresholds or {}))
+            for b, clip in enumerate(clips):
+                start = k + b
+                if len(frames) >= clip_length and start % clip_length == 0:
+                    confidence = outputs["class_logits"][b].float().softmax(-1)[:, :-1].amax(-1)
+                    found.append((start, thing_tubes(clip[:, :height, :width], confidence)))
     video = stitch_clips(panoptic_clips, stride=1)
     if len(frames) < clip_length:
         video, semantic = video[-len(frames) :], semantic_clips[0][-len(frames) :].numpy()
@@ -112,27 +123,18 @@ def predict_video(model, cfg: TrainConfig, frames, fill_void: bool = True, thres
     return panoptic, semantic_of(panoptic)
 
 
-@torch.no_grad()
-def vis_tubes_tubeformer(model, frames: torch.Tensor, clip_length: int, mode: str, thresholds=None):
-    """(mask (T,H,W), class, score) per thing tube of each non-overlapping clip (VIS evaluation)."""
-    from minivseg.inference import clip_inference
+def thing_tubes(panoptic: torch.Tensor, confidence: torch.Tensor) -> list:
+    """(mask (T,H,W), class, score) per thing tube of a clip; score = its slot's class confidence.
 
-    height, width = frames.shape[-2:]
-    size = (padded_size(height), padded_size(width))
-    for start in range(0, len(frames) - clip_length + 1, clip_length):
-        clip = frames[start : start + clip_length]
-        outputs = model(pad_frames(clip)[None])
-        panoptic = clip_inference(
-            outputs, size, model.thing_stuff_class_ids, mode, **(thresholds or {})
-        )[0]
-        panoptic = panoptic[:, :height, :width].cpu().numpy()
-        confidence = outputs["class_logits"][0].float().softmax(-1)[:, :-1].max(-1).values
-        tubes = []
-        for pan_id in np.unique(panoptic):
-            semantic, instance = divmod(int(pan_id), LABEL_DIVISOR)
-            if semantic in THING_CLASSES and instance > 0:
-                tubes.append((panoptic == pan_id, semantic, float(confidence[instance - 1])))
-        yield start, tubes
+    Clip inference names a thing tube ``slot + 1`` in both per-pixel and per-mask modes.
+    """
+    panoptic = panoptic.cpu().numpy()
+    tubes = []
+    for pan_id in np.unique(panoptic):
+        semantic, instance = divmod(int(pan_id), LABEL_DIVISOR)
+        if semantic in THING_CLASSES and instance > 0:
+            tubes.append((panoptic == pan_id, semantic, float(confidence[instance - 1])))
+    return tubes
 
 
 def read_sequence(root: Path, split: str, sequence: str, names: list[str], labels: bool):
@@ -166,12 +168,17 @@ def evaluate_model(
     for number, sequence in enumerate(names):
         frames, gt = read_sequence(root, split, sequence, sequences[sequence], labels)
         frames = frames.to(device)
-        panoptic, semantic = predict_video(model, cfg, frames, fill_void, thresholds)
-        if gt is not None and cfg.task == "tubeformer":
-            for mode, metric in video_ap.items():
-                clips = vis_tubes_tubeformer(model, frames, cfg.clip_length, mode, thresholds)
+        if cfg.task == "tubeformer":
+            found = {mode: [] for mode in video_ap} if gt is not None else None
+            panoptic, semantic = predict_tubeformer(
+                model, frames, cfg.clip_length, fill_void=fill_void, thresholds=thresholds,
+                vis_tubes=found,
+            )  # fmt: skip
+            for mode, clips in (found or {}).items():
                 for start, tubes in clips:
-                    metric.update(gt[start : start + cfg.clip_length], tubes)
+                    video_ap[mode].update(gt[start : start + cfg.clip_length], tubes)
+        else:
+            panoptic, semantic = predict_video(model, cfg, frames, fill_void, thresholds)
         if gt is not None and cfg.task == "vistr":
             from minivseg.vistr import predict_tubes
 
