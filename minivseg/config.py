@@ -110,8 +110,6 @@ PRESETS = {"demo": demo, "kitti": kitti, "stt_demo": stt_demo, "vistr_demo": vis
 
 def parse_value(text: str, annotation, name: str):
     """Convert a flag's text to the field's type, or raise a ValueError naming the flag."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing))  # from __future__ annotations
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         if text.lower() == "none" and type(None) in args:
@@ -139,13 +137,14 @@ def parse_value(text: str, annotation, name: str):
 def apply_overrides(obj, overrides: dict[str, str], label: str = ""):
     """Return a copy of dataclass ``obj`` with text values converted to each field's type."""
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    types_ = typing.get_type_hints(type(obj))  # resolves `from __future__` string annotations
     changes = {}
     for name, text in overrides.items():
         if name not in fields:
             close = difflib.get_close_matches(name, fields, n=3)
             hint = f" (did you mean {', '.join('--' + label + c for c in close)}?)" if close else ""
             raise ValueError(f"unknown option --{label}{name}{hint}")
-        value = text if not isinstance(text, str) else parse_value(text, fields[name].type, name)
+        value = text if not isinstance(text, str) else parse_value(text, types_[name], name)
         changes[name] = value
     return dataclasses.replace(obj, **changes)
 
