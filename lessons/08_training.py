@@ -117,11 +117,11 @@ print({k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(demo(), 
 # (scale, crop and flip) with $(\text{seed}, \text{key})$. As a result, every epoch sees the clips
 # in a new order with new augmentation, and the stream depends on nothing but the seed. After a
 # crash at step $s$, the run restarts at position $q = s \cdot B \cdot A$ ($A$ micro-batches per
-# step) and sees exactly the clips it would have seen. `minivseg.train.ResumableSampler` does
+# step) and sees exactly the clips it would have seen. `minivseg.data.ResumableSampler` does
 # this. We check our generator against it, from the start and from the middle of epoch 2.
 
 # %%
-from minivseg.train import ResumableSampler
+from minivseg.data import ResumableSampler
 
 
 def data_keys(num_items, seed, start=0):

@@ -227,6 +227,31 @@ class KittiStepClips(torch.utils.data.Dataset):
         }
 
 
+class ResumableSampler(torch.utils.data.Sampler):
+    """Endless keys ``epoch * n + index`` (fresh permutation per epoch), from a global position.
+
+    Process ``rank`` of ``world`` takes every ``world``-th sample, so K processes with batch b see
+    the same global batch as one process with batch K*b.
+    """
+
+    def __init__(self, num_items: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.num_items, self.seed, self.start, self.rank, self.world = (
+            num_items,
+            seed,
+            start,
+            rank,
+            world,
+        )
+
+    def __iter__(self):
+        position = self.start + self.rank
+        while True:
+            epoch, index = divmod(position, self.num_items)
+            permutation = np.random.default_rng((self.seed, epoch)).permutation(self.num_items)
+            yield epoch * self.num_items + int(permutation[index])
+            position += self.world
+
+
 def collate_clips(items: list[dict]) -> dict:
     """Stack clips into ``frames (B,T,3,H,W)`` and ``panoptic (B,T,H,W)``; keep names as lists."""
     return {

@@ -26,33 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from minivseg.config import TrainConfig, apply_overrides, parse_args
-from minivseg.data import KittiStepClips, collate_clips, worker_init_fn
+from minivseg.data import KittiStepClips, ResumableSampler, collate_clips, worker_init_fn
 from minivseg.panoptic import IGNORE_LABEL, LABEL_DIVISOR, NUM_CLASSES, THING_CLASSES
-
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """Endless keys ``epoch * n + index`` (fresh permutation per epoch), from a global position.
-
-    Process ``rank`` of ``world`` takes every ``world``-th sample, so K processes with batch b see
-    the same global batch as one process with batch K*b.
-    """
-
-    def __init__(self, num_items: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
-        self.num_items, self.seed, self.start, self.rank, self.world = (
-            num_items,
-            seed,
-            start,
-            rank,
-            world,
-        )
-
-    def __iter__(self):
-        position = self.start + self.rank
-        while True:
-            epoch, index = divmod(position, self.num_items)
-            permutation = np.random.default_rng((self.seed, epoch)).permutation(self.num_items)
-            yield epoch * self.num_items + int(permutation[index])
-            position += self.world
 
 
 def build_task(cfg: TrainConfig):

@@ -207,3 +207,22 @@ def test_check_cli(root, capsys):
     (root / "images" / "val" / "0002" / "000000.png").write_bytes(b"junk")
     with pytest.raises(SystemExit, match=r"0002[/\\]000000\.png"):
         D.main(["--check", str(root)])
+
+
+def test_resumable_sampler_order_resume_and_ranks():
+    import itertools
+
+    def take(sampler, n):
+        return list(itertools.islice(iter(sampler), n))
+
+    stream = take(D.ResumableSampler(5, seed=3), 20)
+    epochs = [sorted(k % 5 for k in stream[e * 5 : (e + 1) * 5]) for e in range(4)]
+    assert epochs == [[0, 1, 2, 3, 4]] * 4  # each epoch is a permutation of the clips
+    assert [k // 5 for k in stream] == [
+        e for e in range(4) for _ in range(5)
+    ]  # keys carry the epoch
+    assert stream[:5] != stream[5:10]  # a fresh order every epoch
+    assert take(D.ResumableSampler(5, seed=3, start=7), 13) == stream[7:]  # resume mid-epoch
+    rank0 = take(D.ResumableSampler(5, seed=3, rank=0, world=2), 10)
+    rank1 = take(D.ResumableSampler(5, seed=3, rank=1, world=2), 10)
+    assert [k for pair in zip(rank0, rank1) for k in pair] == stream  # K ranks = one global stream
