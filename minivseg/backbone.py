@@ -252,7 +252,8 @@ def load_torchvision_resnet50(backbone: AxialResNet, state_dict: dict) -> dict:
     """Copy the tensors of a torchvision ResNet-50 state dict whose counterpart has the same shape.
 
     A BN is copied only if the conv it normalises was. Returns dict(loaded=torchvision keys copied,
-    skipped=torchvision keys not copied, missing=backbone keys left at init, reasons={key: why}).
+    copied=the backbone keys they filled, skipped=torchvision keys not copied, missing=backbone
+    keys left at init, reasons={key: why}).
     """
     ours = backbone.state_dict()
     targets = {key: _torchvision_target(key) for key in state_dict}
@@ -276,6 +277,7 @@ def load_torchvision_resnet50(backbone: AxialResNet, state_dict: dict) -> dict:
     backbone.load_state_dict(copied, strict=False)
     return {
         "loaded": [key for key in state_dict if key not in reasons],
+        "copied": list(copied),
         "skipped": list(reasons),
         "missing": [key for key in ours if key not in copied],
         "reasons": reasons,

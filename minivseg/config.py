@@ -2,8 +2,9 @@
 
 Every field of `TrainConfig` is a command-line flag: ``--field=value`` (booleans also as a bare
 ``--flag`` / ``--no-flag``; tuples as ``--crop_size=129,417``; ``none`` for optional fields).
-Model fields are set with ``--model.FIELD=value`` and checked against the model's own config
-dataclass when the model is built. The whole config is stored in every checkpoint.
+Model fields are set with ``--model.FIELD=value`` and loss fields with ``--loss.FIELD=value``;
+both are checked against the model's / loss's own config dataclass when the task is built. The
+whole config is stored in every checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class TrainConfig:
     task: str = "tubeformer"  # "tubeformer" (panoptic tubes), "stt" (semantic), "vistr" (instances)
     model: str = "tiny"  # model preset passed to the task's builder
     model_overrides: dict = field(default_factory=dict)  # --model.FIELD=value pairs
+    loss_overrides: dict = field(default_factory=dict)  # --loss.FIELD=value pairs
     # data
     data: str = "data/synthetic"  # KITTI-STEP-layout root
     train_split: str = "train"
@@ -74,16 +76,19 @@ def demo() -> TrainConfig:
 def kitti() -> TrainConfig:
     """Full TubeFormer-DeepLab-B1 on KITTI-STEP on one GPU (see README for memory and time).
 
-    deeplab2 trains MaX-DeepLab with Adam, LR 1e-3 at batch 64 with a 0.1 backbone multiplier and
-    poly decay; TubeFormer uses batch 16 clips. We keep the effective batch 16 on one GPU by
-    accumulation, scale the LR linearly to 2.5e-4, and use KITTI's scale range 0.5-2.0.
+    deeplab2 trains MaX-DeepLab with Adam, LR 1e-3 at batch 64 with a 0.1 multiplier on restored
+    weights, poly decay and no gradient clipping; TubeFormer uses batch 16 clips. We keep the
+    effective batch 16 on one GPU as 2 clips x 8 accumulated micro-batches, so BatchNorm sees 2
+    clips (4 frames) at a time; a GPU that holds 16 clips should run ``--batch_size=16
+    --accumulate=1``. The LR is scaled linearly to 2.5e-4; KITTI's scale range is 0.5-2.0. The
+    README lists every difference from the paper and from deeplab2.
     """
     return TrainConfig(
         preset="kitti", model="kitti", data="", crop_size=(385, 1249), scale_range=(0.5, 2.0),
         batch_size=2, accumulate=8, max_steps=50_000, lr=2.5e-4, optimizer="adam",
         warmup_steps=5000, backbone_lr_multiplier=0.1, clip_paste=0.5, temporal_consistency=1.0,
         num_workers=8, out_dir="runs/kitti", checkpoint_every=1000, log_every=50,
-        eval_every=5000, grad_checkpointing=True,
+        eval_every=5000, grad_checkpointing=True, grad_clip=0.0,
     )  # fmt: skip
 
 
@@ -150,10 +155,11 @@ def apply_overrides(obj, overrides: dict[str, str], label: str = ""):
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
-    """``--preset NAME`` (default demo) then ``--field=value`` / ``--flag`` / ``--model.f=v``."""
+    """``--preset NAME`` (default demo), then ``--field=value`` / ``--flag`` / ``--model.f=v`` /
+    ``--loss.f=v``."""
     argv = list(argv)
     preset = "demo"
-    overrides, model_overrides = {}, {}
+    overrides, model_overrides, loss_overrides = {}, {}, {}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -169,10 +175,16 @@ def parse_args(argv: list[str]) -> TrainConfig:
             preset = value
         elif name.startswith("model."):
             model_overrides[name.removeprefix("model.")] = value
+        elif name.startswith("loss."):
+            loss_overrides[name.removeprefix("loss.")] = value
         else:
             overrides[name.replace("-", "_")] = value
         i += 1
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     cfg = apply_overrides(PRESETS[preset](), overrides)
-    return dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, **model_overrides})
+    return dataclasses.replace(
+        cfg,
+        model_overrides={**cfg.model_overrides, **model_overrides},
+        loss_overrides={**cfg.loss_overrides, **loss_overrides},
+    )

@@ -77,8 +77,10 @@ def predict_tubeformer(
     height, width = frames.shape[-2:]
     padded = pad_frames(frames)
     size, class_ids = tuple(padded.shape[-2:]), model.thing_stuff_class_ids
+    thing_classes = model.cfg.thing_classes
     windows = clip_windows(len(frames), clip_length)
-    options = {"pixel": thresholds or {}, "semantic": {}}
+    tube_options = {**(thresholds or {}), "thing_classes": thing_classes}
+    options = {"pixel": tube_options, "semantic": {}}
     panoptic_clips, semantic_clips = [], []
     for k in range(0, len(windows), batch_size):
         outputs = model(torch.stack([padded[w] for w in windows[k : k + batch_size]]))
@@ -88,13 +90,14 @@ def predict_tubeformer(
                 for c in clip_inference(outputs, size, class_ids, mode, **options[mode])
             ]
         for mode, found in (vis_tubes or {}).items():
-            clips = clip_inference(outputs, size, class_ids, mode, **(thresholds or {}))
+            clips = clip_inference(outputs, size, class_ids, mode, **tube_options)
             for b, clip in enumerate(clips):
                 start = k + b
                 if len(frames) >= clip_length and start % clip_length == 0:
                     confidence = outputs["class_logits"][b].float().softmax(-1)[:, :-1].amax(-1)
-                    found.append((start, thing_tubes(clip[:, :height, :width], confidence)))
-    video = stitch_clips(panoptic_clips, stride=1)
+                    tubes = thing_tubes(clip[:, :height, :width], confidence, thing_classes)
+                    found.append((start, tubes))
+    video = stitch_clips(panoptic_clips, stride=1, thing_classes=thing_classes)
     if len(frames) < clip_length:
         video, semantic = video[-len(frames) :], semantic_clips[0][-len(frames) :].numpy()
     else:
@@ -123,7 +126,7 @@ def predict_video(model, cfg: TrainConfig, frames, fill_void: bool = True, thres
     return panoptic, semantic_of(panoptic)
 
 
-def thing_tubes(panoptic: torch.Tensor, confidence: torch.Tensor) -> list:
+def thing_tubes(panoptic: torch.Tensor, confidence: torch.Tensor, thing_classes=THING_CLASSES):
     """(mask (T,H,W), class, score) per thing tube of a clip; score = its slot's class confidence.
 
     Clip inference names a thing tube ``slot + 1`` in both per-pixel and per-mask modes.
@@ -132,9 +135,16 @@ def thing_tubes(panoptic: torch.Tensor, confidence: torch.Tensor) -> list:
     tubes = []
     for pan_id in np.unique(panoptic):
         semantic, instance = divmod(int(pan_id), LABEL_DIVISOR)
-        if semantic in THING_CLASSES and instance > 0:
+        if semantic in thing_classes and instance > 0:
             tubes.append((panoptic == pan_id, semantic, float(confidence[instance - 1])))
     return tubes
+
+
+def task_classes(model) -> tuple[int, tuple[int, ...]]:
+    """(number of classes, thing classes) a model predicts, from its own config."""
+    cfg = getattr(model, "cfg", None)
+    num_classes = getattr(cfg, "num_classes", None) or getattr(model, "num_classes", NUM_CLASSES)
+    return num_classes, tuple(getattr(cfg, "thing_classes", THING_CLASSES))
 
 
 def read_sequence(root: Path, split: str, sequence: str, names: list[str], labels: bool):
@@ -157,8 +167,9 @@ def evaluate_model(
     if sequences is None:
         sequences, _ = index_split(root, split, labels=labels)
     names = list(sequences)[: max_sequences or None]
-    stq, vpq = STQ(NUM_CLASSES, THING_CLASSES), VPQ(NUM_CLASSES, THING_CLASSES)
-    miou, flicker = MeanIoU(NUM_CLASSES), Flicker()
+    num_classes, thing_classes = task_classes(model)
+    stq, vpq = STQ(num_classes, thing_classes), VPQ(num_classes, thing_classes)
+    miou, flicker = MeanIoU(num_classes), Flicker()
     video_ap = {
         "tubeformer": {"pixel": VideoAP(), "mask": VideoAP()},
         "vistr": {"vistr": VideoAP()},
@@ -167,6 +178,8 @@ def evaluate_model(
     model.eval().to(device)
     for number, sequence in enumerate(names):
         frames, gt = read_sequence(root, split, sequence, sequences[sequence], labels)
+        if gt is not None:  # classes the model does not know are void, as in training
+            gt = np.where(semantic_of(gt) < num_classes, gt, VOID_ID)
         frames = frames.to(device)
         if cfg.task == "tubeformer":
             found = {mode: [] for mode in video_ap} if gt is not None else None

@@ -244,7 +244,7 @@ class STTSegmenter(nn.Module):
         **stt_options,  # further SparseTemporalTransformer options (query_ratio, end, ...)
     ):
         super().__init__()
-        self.num_key_frames, self.use_stt = num_key_frames, use_stt
+        self.num_classes, self.num_key_frames, self.use_stt = num_classes, num_key_frames, use_stt
         self.encoder = nn.Sequential(
             conv_bn(3, width, 3, stride=2),
             BottleneckBlock(width, width // 2, stride=2),

@@ -18,30 +18,50 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from minivseg.config import TrainConfig, apply_overrides, parse_args
 from minivseg.data import KittiStepClips, ResumableSampler, collate_clips, worker_init_fn
-from minivseg.panoptic import IGNORE_LABEL, LABEL_DIVISOR, NUM_CLASSES, THING_CLASSES
+from minivseg.panoptic import IGNORE_LABEL, LABEL_DIVISOR
 
 
 def build_task(cfg: TrainConfig):
-    """Model and loss for the task; model fields come from ``--model.FIELD=value``."""
+    """Model and loss for the task: ``--model.FIELD=value`` and ``--loss.FIELD=value`` on top
+    of the presets. The loss takes its classes from the model's config, never from constants."""
+    if cfg.task != "tubeformer" and cfg.loss_overrides:
+        raise ValueError(f"--loss.* options apply to the tubeformer task, not {cfg.task!r}")
     if cfg.task == "tubeformer":
-        from minivseg.tube_loss import TubeLoss
+        from minivseg.tube_loss import TubeLoss, default_loss_config
+        from minivseg.tubeformer import PRESETS as MODEL_PRESETS
         from minivseg.tubeformer import TubeFormerConfig, build_model
 
         overrides = apply_overrides(TubeFormerConfig(), cfg.model_overrides, "model.")
         changed = {k: getattr(overrides, k) for k in cfg.model_overrides}
+        if "aux_heads" in changed:
+            raise ValueError("set deep supervision with --loss.deep_supervision, not --model.")
         if cfg.grad_checkpointing:
             changed["gradient_checkpointing"] = True
-        model = build_model(cfg.model, **changed)
-        return model, TubeLoss(NUM_CLASSES, THING_CLASSES, num_slots=model.cfg.num_slots)
+        if cfg.model not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {cfg.model!r}: {', '.join(MODEL_PRESETS)}")
+        memory_update = changed.get("memory_update", MODEL_PRESETS[cfg.model]().memory_update)
+        loss_cfg = apply_overrides(default_loss_config(memory_update), cfg.loss_overrides, "loss.")
+        model = build_model(cfg.model, aux_heads=loss_cfg.deep_supervision, **changed)
+        if model.cfg.clustering_assignment == "argmax" and memory_update == "clustering":
+            if not loss_cfg.deep_supervision:  # its assignment projections get no gradient
+                raise ValueError(
+                    "clustering_assignment=argmax learns its assignment only through deep "
+                    "supervision: keep --loss.deep_supervision"
+                )
+        criterion = TubeLoss(model.cfg.num_classes, model.cfg.thing_classes,
+                             num_slots=model.cfg.num_slots, config=loss_cfg)  # fmt: skip
+        return model, criterion
     if cfg.task == "stt":
         from minivseg.sparse_temporal import STTConfig, build_stt
 
@@ -62,9 +82,11 @@ def build_task(cfg: TrainConfig):
 
 
 def last_frame_semantic_loss(outputs, batch):
-    """STT: cross-entropy of the last frame's semantic logits (void ignored)."""
-    target = batch["panoptic"][:, -1] // LABEL_DIVISOR
-    loss = F.cross_entropy(outputs["semantic_logits"].float(), target, ignore_index=IGNORE_LABEL)
+    """STT: cross-entropy of the last frame's semantic logits (void and unknown classes ignored)."""
+    logits = outputs["semantic_logits"].float()  # (B, K, H, W)
+    target = (batch["panoptic"][:, -1] // LABEL_DIVISOR).to(logits.device, non_blocking=True)
+    target = torch.where(target < logits.shape[1], target, IGNORE_LABEL)
+    loss = F.cross_entropy(logits, target, ignore_index=IGNORE_LABEL)
     return loss, {"semantic": loss.detach()}
 
 
@@ -74,16 +96,17 @@ def compute_loss(model, criterion, batch, cfg: TrainConfig):
         return criterion(model(batch["frames"]), batch)
     from minivseg.tube_loss import temporal_consistency_loss
 
+    clips = [
+        {**batch, "frames": batch["frames"][:, window], "panoptic": batch["panoptic"][:, window]}
+        for window in (slice(0, -1), slice(1, None))
+    ]
+    outputs = [model(clip["frames"]) for clip in clips]
+    if hasattr(criterion, "losses"):  # the tube loss matches both clips in one host transfer
+        results = criterion.losses(list(zip(outputs, clips)))
+    else:
+        results = [criterion(out, clip) for out, clip in zip(outputs, clips)]
     total, terms = 0.0, {}
-    outputs = []
-    for name, window in (("a", slice(0, -1)), ("b", slice(1, None))):
-        clip = {
-            **batch,
-            "frames": batch["frames"][:, window],
-            "panoptic": batch["panoptic"][:, window],
-        }
-        outputs.append(model(clip["frames"]))
-        loss, clip_terms = criterion(outputs[-1], clip)
+    for name, (loss, clip_terms) in zip("ab", results):
         total = total + 0.5 * loss
         terms.update({f"{name}_{k}": v for k, v in clip_terms.items()})
     overlap = cfg.clip_length - 1
@@ -102,17 +125,47 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return max(0.0, 1.0 - progress) ** cfg.poly_power
 
 
-def param_groups(model, cfg: TrainConfig):
-    """Pretrained backbone weights get ``backbone_lr_multiplier``; the rest the full LR."""
-    pretrained = set()
-    if cfg.pretrained and hasattr(model, "resnet_view"):
-        pretrained = {id(p) for p in model.resnet_view().parameters()}
-    backbone = [p for p in model.parameters() if p.requires_grad and id(p) in pretrained]
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in pretrained]
-    groups = [{"params": rest, "lr": cfg.lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_multiplier})
+def param_groups(model, cfg: TrainConfig, pretrained: set[int] = frozenset()):
+    """Parameters loaded from a checkpoint (``pretrained``: their ids) get the LR times
+    ``backbone_lr_multiplier``, as deeplab2 does for the variables it restores; the rest, random
+    at the start, the full LR."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in pretrained], "lr": cfg.lr}]
+    loaded = [p for p in trainable if id(p) in pretrained]
+    if loaded:
+        groups.append({"params": loaded, "lr": cfg.lr * cfg.backbone_lr_multiplier})
     return groups
+
+
+def load_pretrained_backbone(model, path: str) -> set[int]:
+    """Copy a torchvision ResNet-50 state dict into the backbone; the ids of the parameters it
+    filled (BN statistics are buffers, not parameters)."""
+    from minivseg.backbone import load_torchvision_resnet50
+
+    view = model.resnet_view()
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    report = load_torchvision_resnet50(view, state_dict)
+    tensors = view.state_dict(keep_vars=True)
+    loaded = {id(tensors[k]) for k in report["copied"] if isinstance(tensors[k], nn.Parameter)}
+    count = sum(p.numel() for p in model.parameters() if id(p) in loaded)
+    print(f"pretrained: loaded {len(report['loaded'])} tensors ({count:,} parameters at "
+          f"LR x backbone_lr_multiplier), skipped {len(report['skipped'])}")  # fmt: skip
+    return loaded
+
+
+def train_mode(model, freeze_batchnorm: bool) -> None:
+    """``model.train()``, with every BatchNorm back in eval mode under ``--freeze_batchnorm``."""
+    model.train()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def batchnorm_buffers(model) -> list[torch.Tensor]:
+    """Running statistics of every BatchNorm (restored when a step is skipped)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [b for m in norms for b in m.buffers()]
 
 
 def rng_state() -> dict:
@@ -197,14 +250,7 @@ def main(cfg: TrainConfig) -> dict:
 
     # --- model, loss ---------------------------------------------------------------------------
     model, criterion = build_task(cfg)
-    if cfg.pretrained:
-        from minivseg.backbone import load_torchvision_resnet50
-
-        state_dict = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
-        report = load_torchvision_resnet50(model.resnet_view(), state_dict)
-        print(
-            f"pretrained: loaded {len(report['loaded'])}, skipped {len(report['skipped'])} tensors"
-        )
+    pretrained = load_pretrained_backbone(model, cfg.pretrained) if cfg.pretrained else set()
     model.to(device)
     if distributed and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -221,7 +267,7 @@ def main(cfg: TrainConfig) -> dict:
     # --- optimizer and schedule ----------------------------------------------------------------
     optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     optimizer = optimizer_class(
-        param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
+        param_groups(model, cfg, pretrained), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
@@ -256,54 +302,66 @@ def main(cfg: TrainConfig) -> dict:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         print(f"training {cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{len(dataset)} clips, device {device}, world {world}, out {out_dir}")  # fmt: skip
-    model.train()
-    if cfg.freeze_batchnorm:
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    train_mode(model, cfg.freeze_batchnorm)
+    bn_buffers = batchnorm_buffers(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     start_time, start_step, last = time.time(), step, {}
+    saved_step = step if step > 0 else None  # the step of the newest checkpoint on disk
     while step < cfg.max_steps:
         optimizer.zero_grad(set_to_none=True)
+        bn_before = [b.clone() for b in bn_buffers]  # a skipped step leaves BN statistics alone
         loss_sum, terms_sum = 0.0, {}
         for _ in range(cfg.accumulate):
-            batch = next(batches)
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                     for k, v in batch.items()}  # fmt: skip
+            batch = next(batches)  # labels stay on the host: the losses build their targets there
+            batch["frames"] = batch["frames"].to(device, non_blocking=True)
             with autocast:
                 loss, terms = compute_loss(train_model, criterion, batch, cfg)
             (loss / cfg.accumulate).backward()
-            loss_sum += loss.detach() / cfg.accumulate
-            for name, value in terms.items():
-                terms_sum[name] = (
-                    terms_sum.get(name, 0.0)
-                    + float(torch.as_tensor(value).detach()) / cfg.accumulate
-                )
+            loss_sum = loss_sum + loss.detach() / cfg.accumulate
+            for name, value in terms.items():  # device tensors; numbers only on log steps
+                terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / cfg.accumulate
         if distributed:
             dist.all_reduce(loss_sum)
             loss_sum /= world
-        loss_value = float(loss_sum)
-        if not math.isfinite(loss_value):
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # no host sync
+        # The one host sync of a step: its loss and gradient norm, to decide whether to apply it.
+        loss_value, grad_norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
             nonfinite_in_a_row, skipped_steps = nonfinite_in_a_row + 1, skipped_steps + 1
-            print(f"step {step}: non-finite loss ({loss_value}), step skipped", file=sys.stderr)
+            with torch.no_grad():
+                for buffer, before in zip(bn_buffers, bn_before):
+                    buffer.copy_(before)
+            print(f"step {step}: non-finite loss {loss_value} or gradient norm "
+                  f"{grad_norm_value}, step skipped", file=sys.stderr)  # fmt: skip
             if nonfinite_in_a_row >= cfg.max_nonfinite:
+                good = (f"{checkpoint_path} (step {saved_step})" if saved_step is not None
+                        else "none written by this run")  # fmt: skip
                 raise RuntimeError(
-                    f"{nonfinite_in_a_row} non-finite losses in a row at step {step}; stopping. "
-                    f"Try a lower --lr, --grad_clip, or --bf16=false; last good checkpoint: "
-                    f"{checkpoint_path}"
+                    f"{nonfinite_in_a_row} non-finite losses in a row (loss or gradient norm) "
+                    f"at step {step}; stopping. "
+                    f"Try a lower --lr, --grad_clip=1, or --bf16=false; last good checkpoint: "
+                    f"{good}"
                 )
-            schedule.step()
+            with warnings.catch_warnings():  # the schedule follows the step count, applied or not
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+                schedule.step()
             step += 1
             continue
         nonfinite_in_a_row = 0
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm, foreach=True)
         optimizer.step()
         schedule.step()
         step += 1
-        last = {"step": step, "loss": loss_value, "lr": schedule.get_last_lr()[0], **terms_sum}
         if is_main:
             progress(step, cfg, loss_value, start_time, start_step)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if terms_sum:
+                    values = torch.stack([torch.as_tensor(v).float() for v in terms_sum.values()])
+                    terms_sum = dict(zip(terms_sum, values.tolist()))
+                last = {"step": step, "loss": loss_value, "lr": schedule.get_last_lr()[0],
+                        "grad_norm": grad_norm_value, **terms_sum}  # fmt: skip
                 with log_path.open("a") as log:
                     log.write(json.dumps({**last, "time": time.time() - start_time}) + "\n")
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
@@ -317,6 +375,7 @@ def main(cfg: TrainConfig) -> dict:
                     "schedule": schedule.state_dict(), "step": step, "rng": states,
                     "config": dataclasses.asdict(cfg), "skipped_steps": skipped_steps,
                 })  # fmt: skip
+                saved_step = step
                 plot_losses(log_path, out_dir / "loss_curve.png")
         if cfg.eval_every and step % cfg.eval_every == 0 and is_main:
             from minivseg.evaluate import evaluate_model
@@ -325,7 +384,7 @@ def main(cfg: TrainConfig) -> dict:
                                      max_sequences=cfg.eval_sequences)  # fmt: skip
             with log_path.open("a") as log:
                 log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
-            model.train()
+            train_mode(model, cfg.freeze_batchnorm)
     if is_main and sys.stderr.isatty():
         print(file=sys.stderr)
     if distributed:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
@@ -54,6 +55,16 @@ class TubeLossConfig:
     contrastive_sample_temperature: float = 0.6  # sampling bias towards small tubes (deeplab2 0.6)
     split_thing_stuff: bool = True  # stuff tubes go to the reserved last |C_stuff| slots
     mask_approx_weight: float = 1.0  # CMT Eq. (13) on reference points (clustering only), CMT 1.0
+    deep_supervision: bool = False  # also supervise the model's aux heads (earlier layers)
+
+
+def default_loss_config(memory_update: str = "dual_path") -> TubeLossConfig:
+    """The loss defaults of a model's global layers: MaX-DeepLab's for dual-path layers; with the
+    clustering update, CMT-DeepLab's pixel-wise contrastive loss (Eq. 14, 4096 sampled pixels,
+    the kMaX/deeplab2 Cityscapes setting) and deep supervision of every layer's assignment."""
+    if memory_update == "clustering":
+        return TubeLossConfig(contrastive_sample_k=4096, deep_supervision=True)
+    return TubeLossConfig()
 
 
 def subsample(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -111,19 +122,22 @@ def tubes_from_panoptic(
     )
 
 
-@torch.no_grad()
-def match_tubes(
-    class_logits: torch.Tensor, mask_logits: torch.Tensor, tubes: dict, num_stuff: int
-) -> dict[str, torch.Tensor]:
-    """Hungarian matching of one clip's GT tubes to slots by VPQ-style similarity (stop-grad).
+def to_device(tensors: dict, device: torch.device) -> dict:
+    """Copy a dict of host tensors to ``device`` without making the host wait (pinned on CUDA)."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in tensors.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
 
-    class_logits (N, K+1) in thing_stuff_class_ids order + void; mask_logits (N, T, h, w); tubes
-    from `tubes_from_panoptic`. With num_stuff = S > 0 the stuff tube of channel c is assigned to
-    its reserved slot N - K + c and thing tubes are matched among slots 0..N-S-1; with S = 0 all
-    tubes are matched among all slots. Returns index pairs `slot`, `tube` (sorted by tube) and
-    the similarities `dice` (M, N) and `class_prob` (M, N).
+
+@torch.no_grad()
+def matching_similarity(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, tubes: dict
+) -> dict[str, torch.Tensor]:
+    """VPQ-style similarities of one clip's M GT tubes to its N slots (stop-grad), on the device.
+
+    Returns ``dice`` (M, N), ``class_prob`` (M, N) and their product ``similarity`` (M, N),
+    sim(y_i, ŷ_j) = p̂_j(c_i) × Dice(m_i, m̂_j), the quantity the matching maximises.
     """
-    N, K = class_logits.shape[0], class_logits.shape[1] - 1
     gt = rearrange(tubes["masks"], "m t h w -> m (t h w)")
     # Softmax over slots, then drop void pixels; this Dice has no +1 smoothing (deeplab2).
     probs = rearrange(mask_logits.float().softmax(0) * tubes["valid"], "n t h w -> n (t h w)")
@@ -131,14 +145,49 @@ def match_tubes(
     dice = overlap / ((gt.sum(1)[:, None] + probs.sum(1)[None]) / 2 + EPS)
     # The class softmax includes void before the void column is dropped (deeplab2).
     class_prob = class_logits.float().softmax(-1)[:, tubes["channels"]].T  # (M, N)
-    cost = -(dice * class_prob)  # sim(y_i, ŷ_j) = p̂_j(c_i) × Dice(m_i, m̂_j), maximised
-    fixed = tubes["channels"] >= K - num_stuff
-    free = torch.nonzero(~fixed).flatten()
-    rows, cols = linear_sum_assignment(cost[free, : N - num_stuff].cpu().numpy())
-    slot = torch.cat([torch.as_tensor(cols, device=cost.device), N - K + tubes["channels"][fixed]])
-    tube = torch.cat([free[torch.as_tensor(rows, device=cost.device)], torch.nonzero(fixed)[:, 0]])
-    order = torch.argsort(tube)
-    return dict(slot=slot[order], tube=tube[order], dice=dice, class_prob=class_prob)
+    return dict(dice=dice, class_prob=class_prob, similarity=dice * class_prob)
+
+
+def assign_slots(
+    similarity: np.ndarray, channels: np.ndarray, num_classes: int, num_stuff: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hungarian assignment on the host: (M, N) similarity, (M,) tube channels -> slot, tube.
+
+    With num_stuff = S > 0 the stuff tube of channel c takes its reserved slot N - K + c and thing
+    tubes are matched among slots 0..N-S-1; with S = 0 all tubes are matched among all slots.
+    Pairs are sorted by tube. Non-finite similarities (a diverged model) count as no match.
+    """
+    N, K = similarity.shape[1], num_classes
+    fixed = channels >= K - num_stuff
+    free = np.flatnonzero(~fixed)
+    cost = -np.nan_to_num(similarity[free, : N - num_stuff], nan=0.0, posinf=0.0, neginf=0.0)
+    rows, cols = linear_sum_assignment(cost)
+    slot = np.concatenate([cols, N - K + channels[fixed]])
+    tube = np.concatenate([free[rows], np.flatnonzero(fixed)])
+    order = np.argsort(tube, kind="stable")
+    return slot[order], tube[order]
+
+
+def match_tubes(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, tubes: dict, num_stuff: int
+) -> dict[str, torch.Tensor]:
+    """Hungarian matching of one clip's GT tubes to slots by VPQ-style similarity (stop-grad).
+
+    class_logits (N, K+1) in thing_stuff_class_ids order + void; mask_logits (N, T, h, w); tubes
+    from `tubes_from_panoptic`. See `assign_slots` for the rule. Returns index pairs `slot`,
+    `tube` (sorted by tube) and the similarities `dice` (M, N) and `class_prob` (M, N).
+    `TubeLoss` does the same for a whole batch with one device-to-host transfer.
+    """
+    scores = matching_similarity(class_logits, mask_logits, tubes)
+    slot, tube = assign_slots(
+        scores["similarity"].cpu().numpy(), tubes["channels"].cpu().numpy(),
+        class_logits.shape[1] - 1, num_stuff,
+    )  # fmt: skip
+    device = mask_logits.device
+    return dict(
+        slot=torch.as_tensor(slot, device=device), tube=torch.as_tensor(tube, device=device),
+        dice=scores["dice"], class_prob=scores["class_prob"],
+    )  # fmt: skip
 
 
 def mean_nonzero(loss: torch.Tensor) -> torch.Tensor:
@@ -194,36 +243,81 @@ class TubeLoss(nn.Module):
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """outputs: the model dict, class_logits (B, N, K+1), mask_logits (B, N, T, h, w),
         semantic_logits (B, K, T, h, w), pixel_embedding (B, D, T, h, w) and reference_points
-        (list of (B, N, R, 2)) optional, aux list; batch["panoptic"] (B, T, H, W) int64 ids.
-        Returns the weighted total and the unweighted terms (pq_class, pq_dice, tube_id,
-        instance_disc, semantic, mask_approx, aux{i}_...), batch means."""
-        mask_logits = outputs["mask_logits"]
-        if mask_logits.shape[1] != self.num_slots:
-            raise ValueError(f"expected {self.num_slots} slots, got {mask_logits.shape[1]}")
-        panoptic = batch["panoptic"].to(mask_logits.device)
-        heads = [outputs, *outputs.get("aux", [])]
+        (list of (B, N, R, 2)) optional, aux list; batch["panoptic"] (B, T, H, W) int64 ids,
+        best left on the host (the targets are built there). Returns the weighted total and the
+        unweighted terms (pq_class, pq_dice, tube_id, instance_disc, semantic, mask_approx, and
+        aux{i}_... with deep supervision), batch means."""
+        return self.losses([(outputs, batch)])[0]
+
+    def losses(self, pairs) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """`forward` of several (outputs, batch) pairs, e.g. the two clips of temporal
+        consistency. The matchings of all their clips cost one device-to-host transfer, and
+        nothing else here waits for the device."""
+        clips = []  # (pair, outputs, b, tube channels, device tubes) for every clip of every pair
+        for pair, (outputs, batch) in enumerate(pairs):
+            mask_logits = outputs["mask_logits"]
+            if mask_logits.shape[1] != self.num_slots:
+                raise ValueError(f"expected {self.num_slots} slots, got {mask_logits.shape[1]}")
+            for b, panoptic in enumerate(batch["panoptic"]):
+                channels, tubes = self._tubes(panoptic, mask_logits.shape[-2:], mask_logits.device)
+                clips.append((pair, outputs, b, channels, tubes))
+        with torch.autocast(clips[0][1]["mask_logits"].device.type, enabled=False):
+            scores = [
+                matching_similarity(o["class_logits"][b], o["mask_logits"][b], tubes)
+                for _, o, b, _, tubes in clips
+            ]
+            # The one transfer: every clip's (M, N) similarities, flattened, to the host.
+            flat = torch.cat([s["similarity"].flatten() for s in scores]).cpu().numpy()
+            per_pair, offset = [{} for _ in pairs], 0
+            for (pair, outputs, b, channels, tubes), score in zip(clips, scores):
+                M, N = score["similarity"].shape
+                similarity = flat[offset : offset + M * N].reshape(M, N)
+                offset += M * N
+                slot, tube = assign_slots(similarity, channels, self.num_classes, self.num_stuff)
+                index = to_device(
+                    {"slot": torch.from_numpy(slot), "tube": torch.from_numpy(tube)},
+                    tubes["channels"].device,
+                )
+                match = dict(**index, dice=score["dice"], class_prob=score["class_prob"])
+                for name, value in self._clip_terms(outputs, b, tubes, match).items():
+                    per_pair[pair].setdefault(name, []).append(value)
+        results = []
+        for per_clip in per_pair:
+            terms = {name: torch.stack(values).mean() for name, values in per_clip.items()}
+            results.append((sum(self.weight(n) * t for n, t in terms.items()), terms))
+        return results
+
+    def _tubes(self, panoptic: torch.Tensor, size, device: torch.device):
+        """GT tubes and semantic target of one clip, built where the labels are (the host in
+        training: labels on the device cost syncs here), and their copy on ``device``, where the
+        (M, T, h, w) masks are made. Returns (tube channels as a numpy array, device tubes)."""
+        host = tubes_from_panoptic(panoptic, size, self.num_classes, self.thing_classes)
+        host["semantic"] = semantic_target(panoptic, size, self.num_classes)
+        channels = host["channels"].numpy() if host["channels"].device.type == "cpu" else None
+        if panoptic.device == device:
+            return host["channels"].cpu().numpy() if channels is None else channels, host
+        host = {k: v.cpu() for k, v in host.items() if k != "masks"}
+        tubes = to_device(host, device)
+        slots = torch.arange(len(host["channels"]), device=device)[:, None, None, None]
+        tubes["masks"] = (tubes["tube_index"] == slots).float()
+        return host["channels"].numpy(), tubes
+
+    def _clip_terms(self, outputs, b, tubes, match) -> dict[str, torch.Tensor]:
+        """Every unweighted term of clip b, given its tubes and matching."""
+        heads = [outputs, *outputs.get("aux", [])] if self.config.deep_supervision else [outputs]
         prefixes = ["", *(f"aux{i}_" for i in range(len(heads) - 1))]
-        per_clip: dict[str, list[torch.Tensor]] = {}
-        with torch.autocast(mask_logits.device.type, enabled=False):
-            for b in range(panoptic.shape[0]):
-                tubes = tubes_from_panoptic(
-                    panoptic[b], mask_logits.shape[-2:], self.num_classes, self.thing_classes
-                )
-                match = match_tubes(
-                    outputs["class_logits"][b], mask_logits[b], tubes, self.num_stuff
-                )
-                targets = self._targets(mask_logits[b], tubes, match)
-                for prefix, head in zip(prefixes, heads):
-                    for name, value in self._head_terms(head, b, tubes, match, targets).items():
-                        per_clip.setdefault(prefix + name, []).append(value)
-                if "semantic_logits" in outputs:
-                    per_clip.setdefault("semantic", []).append(self._semantic(outputs, panoptic, b))
-                if "reference_points" in outputs:
-                    approx = self._mask_approx(outputs["reference_points"], b, tubes, match)
-                    per_clip.setdefault("mask_approx", []).append(approx)
-        terms = {name: torch.stack(values).mean() for name, values in per_clip.items()}
-        total = sum(self.weight(name) * term for name, term in terms.items())
-        return total, terms
+        targets = self._targets(outputs["mask_logits"][b], tubes, match)
+        terms = {}
+        for prefix, head in zip(prefixes, heads):
+            for name, value in self._head_terms(head, b, tubes, match, targets).items():
+                terms[prefix + name] = value
+        if "pixel_embedding" in outputs:  # one pixel embedding, shared by every head: once
+            terms["instance_disc"] = self._instance_disc(outputs["pixel_embedding"][b], tubes)
+        if "semantic_logits" in outputs:
+            terms["semantic"] = self._semantic(outputs["semantic_logits"][b], tubes["semantic"])
+        if "reference_points" in outputs:
+            terms["mask_approx"] = self._mask_approx(outputs["reference_points"], b, tubes, match)
+        return terms
 
     def weight(self, name: str) -> float:
         """Config weight of a term; aux{i}_X terms share the weight of X."""
@@ -250,6 +344,7 @@ class TubeLoss(nn.Module):
             dice_weight=match["class_prob"][tube, slot].clamp_min(EPS),
             pixel_slot=slot_of_tube[index],
             in_tube=(index >= 0).float(),
+            no_target=(rearrange(tubes["valid"], "t h w -> (t h w)") & (slot_of_tube[index] < 0)),
         )
 
     def _head_terms(self, head, b, tubes, match, targets) -> dict[str, torch.Tensor]:
@@ -270,9 +365,11 @@ class TubeLoss(nn.Module):
         # Tube-ID CE: each tube pixel should pick its matched slot among all N.
         pixel_slot = targets["pixel_slot"]
         pixel_ce = -log_probs.gather(0, pixel_slot.clamp_min(0)[None])[0] * (pixel_slot >= 0)
+        # deeplab2 weights this CE by the non-void mask: a pixel with no target slot (crowd)
+        # adds 0 to the loss and its count, but its all-zero target still pulls with softmax(z).
+        lse = rearrange(head["mask_logits"][b].float(), "n t h w -> n (t h w)").logsumexp(0)
+        pixel_ce = pixel_ce + (lse - lse.detach()) * targets["no_target"]
         terms["tube_id"] = mean_nonzero(pixel_ce)
-        if "pixel_embedding" in head:
-            terms["instance_disc"] = self._instance_disc(head["pixel_embedding"][b], tubes)
         return terms
 
     def _instance_disc(self, embedding, tubes) -> torch.Tensor:
@@ -285,7 +382,7 @@ class TubeLoss(nn.Module):
             centers = einsum(features, gt, "p d, p m -> m d") / gt.sum(0)[:, None].clamp_min(1)
             logits = features @ F.normalize(centers, dim=1).T / cfg.temperature  # (P, M)
             thing_pixel = rearrange(tubes["thing"], "t h w -> (t h w)")
-            if not thing_pixel.any():
+            if gt.shape[1] == 0:  # no tube at all (a shape, known without the device)
                 return features.sum() * 0
             ce = F.cross_entropy(logits, index.clamp_min(0), reduction="none") * thing_pixel
             return mean_nonzero(ce)
@@ -310,12 +407,12 @@ class TubeLoss(nn.Module):
         ]
         return sum(loss["extreme"] + loss["center"] for loss in losses)
 
-    def _semantic(self, outputs, panoptic, b) -> torch.Tensor:
-        """Video semantic CE (dataset class order), void ignored, mean over the top-k% pixels."""
-        logits = outputs["semantic_logits"][b].float()  # (K, T, h, w)
-        target = semantic_target(panoptic[b], logits.shape[-2:], self.num_classes)
+    def _semantic(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Video semantic CE (dataset class order), void ignored, mean over the top-k% pixels.
+
+        logits (K, T, h, w) of one clip, target (T, h, w) class ids from `semantic_target`."""
         ce = F.cross_entropy(
-            logits[None], target[None], ignore_index=IGNORE_LABEL, reduction="none"
+            logits.float()[None], target[None], ignore_index=IGNORE_LABEL, reduction="none"
         )
         ce = ce.flatten()
         k = round(self.config.semantic_top_k * len(ce))

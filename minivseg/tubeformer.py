@@ -19,6 +19,8 @@ one linear layer on x'_v ("shared semantic and panoptic prediction").
 update (`minivseg.clustering`, §3.3): the slots cluster the clip's pixels into tubes, and each
 layer's assignment logits S, upsampled to stride 4, are its deep-supervision tube logits, paired
 with the class logits of the centres that made that assignment (the layer's input memory).
+Deep supervision (``aux_heads``, set by the loss option ``deep_supervision``) gives every earlier
+global layer its own memory-side heads, as kMaX-DeepLab does; deeplab2's MaX-DeepLab has none.
 Differences from deeplab2: none in the layers. The stage-5 blocks live in the hierarchical blocks
 (``blocks.{i}.pixel_block``), so ``backbone`` is stem + stages 2-4 (``resnet_view()`` gives the
 whole ResNet). The last latent layer skips its memory update, whose output nothing reads.
@@ -85,6 +87,7 @@ class TubeFormerConfig:
     num_classes: int = NUM_CLASSES  # K dataset classes (void is extra)
     thing_classes: tuple[int, ...] = THING_CLASSES  # classes with instances (tracks)
     num_frames: int = 2  # clip length T this preset trains on (forward accepts any T)
+    aux_heads: bool = False  # deep supervision: own class/mask heads on every earlier layer
     gradient_checkpointing: bool = False  # recompute axial and dual-path blocks in backward
 
 
@@ -132,6 +135,13 @@ class TubeFormer(nn.Module):
         super().__init__()
         self.cfg = cfg
         K = cfg.num_classes
+        if not set(cfg.thing_classes) <= set(range(K)) or len(set(cfg.thing_classes)) != len(
+            cfg.thing_classes
+        ):
+            raise ValueError(
+                f"thing_classes={cfg.thing_classes} must be distinct class ids below "
+                f"num_classes={K}; set both, e.g. --model.num_classes=12 --model.thing_classes=11"
+            )
         self.thing_stuff_class_ids = thing_stuff_class_ids(K, cfg.thing_classes)
         stuff = self.thing_stuff_class_ids[len(cfg.thing_classes) :]
         self.num_stuff = len(stuff)
@@ -191,21 +201,15 @@ class TubeFormer(nn.Module):
             cfg.decoder_filters_s4,
         )  # fmt: skip
 
-        # Heads. Memory side: two FFNs (FC + BN + ReLU), then class FC and mask-embedding FC + BN.
-        D, C = cfg.embedding_channels, cfg.head_channels
-        self.class_feature = LinearBN(cfg.memory_channels, C)
-        self.mask_feature = LinearBN(cfg.memory_channels, C)
-        self.class_head = nn.Linear(C, K + 1)
-        nn.init.trunc_normal_(self.class_head.weight, std=0.01, a=-0.02, b=0.02)
-        nn.init.zeros_(self.class_head.bias)
-        self.mask_head = LinearBN(C, D)
+        # Memory side: class and mask FFNs, class FC, mask-embedding FC + BN, tube-logit BN.
+        add_memory_heads(self, cfg)
         # Void prior: log(K * 0.9 / 0.1) on the void logit, p(void) ~ 0.9 at init, every forward.
         prior = torch.zeros(K + 1)
         prior[-1] = math.log(K * 9)
         self.register_buffer("void_prior", prior, persistent=False)
 
         # Pixel side: depthwise 5x5 + BN + ReLU, 1x1 + BN + ReLU, 1x1 -> D with bias, BN, L2 norm.
-        width, P = self.decoder.out_channels, cfg.pixel_head_channels
+        width, P, D = self.decoder.out_channels, cfg.pixel_head_channels, cfg.embedding_channels
         self.pixel_head = nn.Sequential(
             OrderedDict(
                 depthwise=nn.Conv2d(width, width, 5, padding=2, groups=width, bias=False),
@@ -222,13 +226,21 @@ class TubeFormer(nn.Module):
             nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
         nn.init.trunc_normal_(self.pixel_head.embedding.weight, std=0.01, a=-0.02, b=0.02)
         nn.init.zeros_(self.pixel_head.embedding.bias)
-        # One BN channel shared by all N x T x h x w tube logits; gamma 0.1 = low temperature.
-        self.mask_bn = nn.BatchNorm1d(1, BN_EPS, BN_MOMENTUM)
-        nn.init.constant_(self.mask_bn.weight, 0.1)
         # TubeFormer "shared semantic and panoptic prediction": a linear layer on x'_v.
         self.semantic_head = nn.Conv3d(D, K, 1)
         nn.init.kaiming_normal_(self.semantic_head.weight, mode="fan_in", nonlinearity="relu")
         nn.init.zeros_(self.semantic_head.bias)
+
+        # Deep supervision: every earlier layer gets its own memory-side heads (kMaX-DeepLab), so
+        # the final heads' BN statistics are the final layer's alone. A clustering layer's tube
+        # logits are its assignment, so its aux head only classifies.
+        num_aux = 0
+        if cfg.aux_heads and cfg.use_global:
+            num_aux = len(self.blocks) - (cfg.memory_update != "clustering")
+        self.aux_heads = nn.ModuleList(
+            add_memory_heads(nn.Module(), cfg, masks=cfg.memory_update != "clustering")
+            for _ in range(num_aux)
+        )
 
     def resnet_view(self) -> nn.Module:
         """Stem + stages 2-5 as one AxialResNet-shaped module that shares this model's weights.
@@ -243,21 +255,25 @@ class TubeFormer(nn.Module):
         view.stage5 = nn.Sequential(*(b.pixel_block for b in self.blocks[: self.cfg.num_blocks[3]]))
         return view
 
-    def classify(self, memory: torch.Tensor) -> torch.Tensor:
+    def classify(self, memory: torch.Tensor, heads: nn.Module | None = None) -> torch.Tensor:
         """memory (B, N, Cm) -> class logits (B, N, K + 1), void prior added."""
-        return self.class_head(F.relu(self.class_feature(memory))) + self.void_prior
+        heads = self if heads is None else heads
+        return heads.class_head(F.relu(heads.class_feature(memory))) + self.void_prior
 
-    def predict(self, memory: torch.Tensor, pixel_embedding: torch.Tensor) -> dict:
-        """memory (B, N, Cm), pixel_embedding (B, D, T, h, w) -> class and tube logits."""
-        class_logits = self.classify(memory)
-        kernels = self.mask_head(F.relu(self.mask_feature(memory)))  # (B, N, D), no activation
+    def predict(
+        self, memory: torch.Tensor, pixel_embedding: torch.Tensor, heads: nn.Module | None = None
+    ) -> dict:
+        """memory (B, N, Cm), pixel_embedding (B, D, T, h, w) -> class and tube logits, from
+        ``heads`` (an aux head) or the final heads."""
+        heads = self if heads is None else heads
+        class_logits = self.classify(memory, heads)
+        kernels = heads.mask_head(F.relu(heads.mask_feature(memory)))  # (B, N, D), no activation
         # Eq. (1): tube logits x'_v . w for every slot and every pixel of the clip.
         logits = torch.einsum("bnd,bdthw->bnthw", kernels, pixel_embedding)
-        logits = self.mask_bn(logits.reshape(len(logits), 1, -1)).view_as(logits)
+        logits = heads.mask_bn(logits.reshape(len(logits), 1, -1)).view_as(logits)
         return {
             "class_logits": class_logits,  # (B, N, K + 1)
             "mask_logits": logits,  # (B, N, T, h, w)
-            "pixel_embedding": pixel_embedding,
         }
 
     def _run(self, module: nn.Module, *inputs):
@@ -270,11 +286,12 @@ class TubeFormer(nn.Module):
 
         ``class_logits (B, N, K+1)`` (order ``thing_stuff_class_ids``, then void),
         ``mask_logits (B, N, T, h, w)``, ``semantic_logits (B, K, T, h, w)`` (dataset order),
-        ``pixel_embedding (B, D, T, h, w)`` (L2-normalised), and ``aux``: a list of dicts with
-        ``class_logits``, ``mask_logits``, ``pixel_embedding`` from each earlier global layer.
-        With ``memory_update="clustering"``, ``aux`` holds one dict per clustering layer instead:
-        ``mask_logits`` = its assignment logits S upsampled to (B, N, T, h, w), ``class_logits``
-        from its input memory; and ``reference_points`` is a list of (B, N, R, 2) per layer.
+        ``pixel_embedding (B, D, T, h, w)`` (L2-normalised), and ``aux``: empty unless
+        ``aux_heads``, then a list of dicts with ``class_logits`` and ``mask_logits`` from each
+        earlier global layer through its own heads. With ``memory_update="clustering"``, ``aux``
+        holds one dict per clustering layer instead: ``mask_logits`` = its assignment logits S
+        upsampled to (B, N, T, h, w), ``class_logits`` from its input memory; and
+        ``reference_points`` is a list of (B, N, R, 2) per layer (with or without aux heads).
         """
         B, T = frames.shape[:2]
         x = rearrange(frames, "b t c h w -> (b t) c h w") / 127.5 - 1.0  # per-frame backbone
@@ -303,26 +320,43 @@ class TubeFormer(nn.Module):
         embedding = F.normalize(self.pixel_head(decoded), dim=1)
         embedding = rearrange(embedding, "(b t) d h w -> b d t h w", b=B)  # x'_v
 
+        # Without global layers the learned memory goes straight to the heads.
+        final = self.predict(memories[-1], embedding)
         if states:  # clustering: layer i's tubes are S_i, made by its input centres memories[i]
             shape, size = (T, *video.shape[-2:]), embedding.shape[-2:]
             aux = [
                 dict(
-                    class_logits=self.classify(m),
+                    class_logits=self.classify(m, heads),
                     mask_logits=assignment_mask_logits(s["assignment_logits"], shape, size),
                 )
-                for m, s in zip(memories, states)
+                for m, s, heads in zip(memories, states, self.aux_heads)
             ]
-            final = self.predict(memories[-1], embedding)
             if self.cfg.num_reference_points:
                 final["reference_points"] = [s["reference_points"] for s in states]
-        else:
-            # Without global layers the learned memory goes straight to the heads.
-            heads = memories[1:] if self.cfg.use_global else memories[:1]
-            outputs = [self.predict(m, embedding) for m in heads]
-            final, aux = outputs[-1], outputs[:-1]
+        else:  # dual path: the earlier layers' memories through their own heads
+            aux = [self.predict(m, embedding, h) for m, h in zip(memories[1:-1], self.aux_heads)]
+        final["pixel_embedding"] = embedding  # (B, D, T, h, w)
         final["semantic_logits"] = self.semantic_head(embedding)  # (B, K, T, h, w)
         final["aux"] = aux
         return final
+
+
+def add_memory_heads(module: nn.Module, cfg: TubeFormerConfig, masks: bool = True) -> nn.Module:
+    """Give ``module`` MaX-DeepLab's memory-side heads: class and mask FFNs (FC + BN + ReLU), the
+    class FC (K + 1) and, with ``masks``, the mask-embedding FC + BN and the tube-logit BN."""
+    C = cfg.head_channels
+    module.class_feature = LinearBN(cfg.memory_channels, C)
+    if masks:
+        module.mask_feature = LinearBN(cfg.memory_channels, C)
+    module.class_head = nn.Linear(C, cfg.num_classes + 1)
+    nn.init.trunc_normal_(module.class_head.weight, std=0.01, a=-0.02, b=0.02)
+    nn.init.zeros_(module.class_head.bias)
+    if masks:
+        module.mask_head = LinearBN(C, cfg.embedding_channels)
+        # One BN channel shared by all N x T x h x w tube logits; gamma 0.1 = low temperature.
+        module.mask_bn = nn.BatchNorm1d(1, BN_EPS, BN_MOMENTUM)
+        nn.init.constant_(module.mask_bn.weight, 0.1)
+    return module
 
 
 def build_model(preset: str = "tiny", **overrides) -> TubeFormer:

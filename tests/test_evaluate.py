@@ -94,3 +94,34 @@ def test_fill_void_and_thresholds(checkpoint):
     strict = {"class_threshold": 1.0, "pixel_threshold": 1.0}
     nothing, _ = E.predict_video(model, cfg, frames, fill_void=False, thresholds=strict)
     assert (nothing == 255000).all()  # no slot passes a class confidence of 1.0
+
+
+def test_evaluation_takes_classes_from_the_model(tmp_path, monkeypatch):
+    """Inference, stitching, video AP and the metrics use the checkpoint's class set."""
+    from minivseg import metrics, stitching
+
+    cfg = dataclasses.replace(
+        demo(), data=str(SAMPLES), out_dir=str(tmp_path), device="cpu", max_steps=1,
+        batch_size=1, num_workers=0, crop_size=(65, 97),
+        model_overrides={"num_classes": "14", "thing_classes": "11,13,12"},
+    )  # fmt: skip
+    model = train_module.main(cfg)["model"]
+    seen = {}
+    for name, cls in (("STQ", metrics.STQ), ("VPQ", metrics.VPQ)):
+        real_init = cls.__init__
+
+        def spy(self, num_classes, thing_classes, *args, _name=name, _init=real_init, **kw):
+            seen[_name] = (num_classes, tuple(thing_classes))
+            _init(self, num_classes, thing_classes, *args, **kw)
+
+        monkeypatch.setattr(cls, "__init__", spy)
+    real_stitch = stitching.stitch_clips
+
+    def stitch_spy(clips, stride=1, thing_classes=None, **kw):
+        seen["stitch"] = tuple(thing_classes)
+        return real_stitch(clips, stride, thing_classes, **kw)
+
+    monkeypatch.setattr(stitching, "stitch_clips", stitch_spy)
+    result = E.evaluate_model(model, cfg, SAMPLES, "val", max_sequences=1, gifs=False)
+    assert seen == {"STQ": (14, (11, 13, 12)), "VPQ": (14, (11, 13, 12)), "stitch": (11, 13, 12)}
+    assert 0 <= result["STQ"] <= 1 and 0 <= result["mIoU"] <= 1

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from minivseg import config as config_module
 from minivseg import train as train_module
 from minivseg.config import PRESETS
 
@@ -122,3 +124,158 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert all(p.exitcode == 0 for p in processes)
     loss = queue.get()
     assert loss == pytest.approx(single["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_pretrained_lr_applies_to_exactly_the_loaded_parameters(tmp_path):
+    """deeplab2 puts its backbone multiplier on the restored variables only: the stem and axial
+    blocks a torchvision ResNet-50 cannot fill start random and learn at the full LR."""
+    from minivseg.tubeformer import build_model
+
+    torch.manual_seed(0)
+    view = build_model("tiny").resnet_view()
+    ours = view.state_dict()
+    fake = {  # torchvision names with our shapes: two convs, one BN, one BN statistic
+        "layer1.0.conv1.weight": torch.randn(ours["stage2.0.conv1.conv.weight"].shape),
+        "layer1.0.bn1.weight": torch.randn(ours["stage2.0.conv1.bn.weight"].shape),
+        "layer1.0.bn1.running_mean": torch.randn(ours["stage2.0.conv1.bn.running_mean"].shape),
+        "layer3.0.conv3.weight": torch.randn(ours["stage4.0.conv3.conv.weight"].shape),
+    }
+    path = tmp_path / "resnet50.pth"
+    torch.save(fake, path)
+    model = build_model("tiny")
+    loaded = train_module.load_pretrained_backbone(model, str(path))
+    expected = sum(v.numel() for k, v in fake.items() if "running" not in k)
+    assert sum(p.numel() for p in model.parameters() if id(p) in loaded) == expected
+    cfg = small("demo", tmp_path, pretrained=str(path), backbone_lr_multiplier=0.1)
+    rest, low = train_module.param_groups(model, cfg, loaded)
+    assert sum(p.numel() for p in low["params"]) == expected and low["lr"] == cfg.lr * 0.1
+    assert sum(p.numel() for p in rest["params"]) + expected == sum(
+        p.numel() for p in model.parameters()
+    )
+    assert sum(p.numel() for p in model.resnet_view().parameters()) > 10 * expected
+    assert len(train_module.param_groups(model, cfg)) == 1  # nothing loaded: one group
+
+
+def test_loss_and_evaluation_use_the_models_classes(tmp_path):
+    """A model with another class set: the loss, inference and metrics follow its config."""
+    cfg = small("demo", tmp_path, eval_every=2, eval_sequences=1,
+                model_overrides={"thing_classes": "11,13,12"})  # fmt: skip
+    model, criterion = train_module.build_task(cfg)
+    assert criterion.thing_classes == (11, 13, 12) and criterion.num_stuff == model.num_stuff
+    assert criterion.thing_stuff_class_ids == model.thing_stuff_class_ids
+    result = train_module.main(cfg)
+    assert result["step"] == 2 and math.isfinite(result["loss"])
+    evaluations = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any("eval" in row and "STQ" in row["eval"] for row in evaluations)
+
+    few = small("demo", tmp_path / "twelve", eval_every=2, eval_sequences=1,
+                model_overrides={"num_classes": "12", "thing_classes": "11"})  # fmt: skip
+    model, criterion = train_module.build_task(few)
+    assert criterion.num_classes == 12 and model.class_head.out_features == 13
+    assert math.isfinite(train_module.main(few)["loss"])  # classes >= 12 are void to the loss
+    with pytest.raises(ValueError, match="thing_classes=.* below num_classes=10"):
+        train_module.build_task(dataclasses.replace(few, model_overrides={"num_classes": "10"}))
+
+
+def test_loss_flags_reach_the_loss_and_the_checkpoint(tmp_path):
+    cfg = config_module.parse_args(
+        [
+            "--preset=demo",
+            "--loss.contrastive_sample_k=64",
+            "--loss.deep_supervision",
+            "--loss.tube_id_weight=0.5",
+        ]  # fmt: skip
+    )
+    assert cfg.loss_overrides == {
+        "contrastive_sample_k": "64", "deep_supervision": "true", "tube_id_weight": "0.5"
+    }  # fmt: skip
+    model, criterion = train_module.build_task(cfg)
+    assert criterion.config.contrastive_sample_k == 64 and criterion.config.tube_id_weight == 0.5
+    assert criterion.config.deep_supervision and model.cfg.aux_heads and len(model.aux_heads) == 1
+    plain, plain_loss = train_module.build_task(config_module.parse_args(["--preset=demo"]))
+    assert not plain_loss.config.deep_supervision and len(plain.aux_heads) == 0
+    # CMT-DeepLab's defaults come with the clustering update, unless a flag says otherwise.
+    clustering = config_module.parse_args(["--model.memory_update=clustering"])
+    _, cmt = train_module.build_task(clustering)
+    assert cmt.config.contrastive_sample_k == 4096 and cmt.config.deep_supervision
+    no_ds = dataclasses.replace(clustering, loss_overrides={"deep_supervision": "false"})
+    assert not train_module.build_task(no_ds)[1].config.deep_supervision
+    with pytest.raises(ValueError, match="did you mean --loss.tube_id_weight"):
+        train_module.build_task(dataclasses.replace(cfg, loss_overrides={"tube_id_weigh": "1"}))
+    with pytest.raises(ValueError, match="--loss.deep_supervision"):
+        train_module.build_task(dataclasses.replace(cfg, model_overrides={"aux_heads": "true"}))
+    with pytest.raises(ValueError, match="tubeformer"):
+        train_module.build_task(small("stt_demo", tmp_path, loss_overrides={"alpha": "0.5"}))
+    run = small("demo", tmp_path, max_steps=1, loss_overrides={"tube_id_weight": "0.5"})
+    train_module.main(run)
+    stored = torch.load(tmp_path / "last.pt", weights_only=True)["config"]
+    assert stored["loss_overrides"] == {"tube_id_weight": "0.5"}
+    from minivseg.evaluate import load_model
+
+    assert load_model(tmp_path / "last.pt")[1].loss_overrides == {"tube_id_weight": "0.5"}
+
+
+def test_nonfinite_output_skips_the_step_and_leaves_everything_as_it_was(tmp_path, monkeypatch):
+    """A NaN in the model's outputs (not only in the loss) on step 2 of 2: no crash in the
+    matching, and weights, optimizer state and BN statistics equal a run that stopped at 1."""
+    from minivseg.tubeformer import TubeFormer
+
+    one = train_module.main(small("demo", tmp_path / "one", max_steps=1))
+    real_forward = TubeFormer.forward
+    calls = {"n": 0}
+
+    def forward_with_nan(self, frames):
+        out = real_forward(self, frames)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out["mask_logits"] = out["mask_logits"] * float("nan")
+        return out
+
+    monkeypatch.setattr(TubeFormer, "forward", forward_with_nan)
+    two = train_module.main(small("demo", tmp_path / "two", max_steps=2))
+    assert calls["n"] == 2 and two["skipped_steps"] == 1 and two["step"] == 1  # last applied
+    for name, value in weights(one["model"]).items():  # parameters and BN statistics
+        torch.testing.assert_close(weights(two["model"])[name], value, rtol=0, atol=0, msg=name)
+    optimizers = [
+        torch.load(tmp_path / run / "last.pt", weights_only=True)["optimizer"]["state"]
+        for run in ("one", "two")
+    ]
+    for key, state in optimizers[0].items():
+        for name, value in state.items():
+            torch.testing.assert_close(optimizers[1][key][name], value, rtol=0, atol=0)
+
+
+def test_nonfinite_stop_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from minivseg.tubeformer import TubeFormer
+
+    real_forward = TubeFormer.forward
+    calls = {"n": 0}
+
+    def diverging(self, frames):
+        out = real_forward(self, frames)
+        calls["n"] += 1
+        if calls["n"] > 2:
+            out["class_logits"] = out["class_logits"] * float("inf")
+        return out
+
+    monkeypatch.setattr(TubeFormer, "forward", diverging)
+    with pytest.raises(RuntimeError, match=r"last good checkpoint: .*last.pt \(step 2\)"):
+        train_module.main(small("demo", tmp_path, max_steps=10, max_nonfinite=2))
+
+
+def test_freeze_batchnorm_survives_evaluation(tmp_path):
+    cfg = small("demo", tmp_path, max_steps=2, eval_every=1, eval_sequences=1,
+                freeze_batchnorm=True)  # fmt: skip
+    model = train_module.main(cfg)["model"]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and not any(m.training for m in norms)
+    assert all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in norms)
+    assert all(torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in norms)
+    assert model.training  # everything else trains
+
+
+def test_kitti_preset_follows_deeplab2_where_it_can():
+    kitti = PRESETS["kitti"]()
+    assert kitti.grad_clip == 0 and kitti.batch_size * kitti.accumulate == 16
+    _, criterion = train_module.build_task(dataclasses.replace(kitti, model="tiny"))
+    assert not criterion.config.deep_supervision

@@ -1,6 +1,7 @@
 """Tests for minivseg.tube_loss: GT tubes, matching vs brute force, invariances, stop-grad weights,
 naive reference losses, empty clips, temporal consistency."""
 
+import dataclasses
 import itertools
 import math
 
@@ -246,7 +247,7 @@ def naive_terms(out, tubes, slot_of, alpha=0.75, tau=0.3):
         p, g = probs[n] * in_tube, tubes["masks"][i]
         w = max(prob_m[i, n].item(), 1e-5)
         dice_sum = dice_sum + w * (1 - (2 * (p * g).sum() + 1) / (p.sum() + g.sum() + 1))
-    pixel_ce, insdis = [], []
+    pixel_ce, insdis, crowd_pull = [], [], 0
     features = emb
     centers = []
     for i in range(len(tubes["channels"])):
@@ -257,6 +258,9 @@ def naive_terms(out, tubes, slot_of, alpha=0.75, tau=0.3):
     for t, y, x in itertools.product(range(T), range(SIZE[0]), range(SIZE[1])):
         i = tubes["tube_index"][t, y, x].item()
         if i < 0:
+            if valid[t, y, x]:  # crowd: loss 0, not counted, gradient softmax (deeplab2)
+                lse = torch.logsumexp(ml[:, t, y, x], 0)
+                crowd_pull = crowd_pull + lse - lse.detach()
             continue
         pixel_ce.append(-log_probs[slot_of[i], t, y, x])
         if tubes["thing"][t, y, x]:
@@ -265,7 +269,7 @@ def naive_terms(out, tubes, slot_of, alpha=0.75, tau=0.3):
     return dict(
         pq_class=sum(class_losses) / N,
         pq_dice=dice_sum * alpha / N,
-        tube_id=sum(pixel_ce) / len(pixel_ce),
+        tube_id=(sum(pixel_ce) + crowd_pull) / len(pixel_ce),
         instance_disc=sum(insdis) / len(insdis),
     )
 
@@ -376,12 +380,14 @@ def test_empty_clips_give_finite_losses(fill, sample_k):
 
 
 def test_aux_terms_reuse_the_final_matching():
-    loss = TubeLoss(num_slots=21)
+    loss = TubeLoss(num_slots=21, config=TubeLossConfig(deep_supervision=True))
     out = random_outputs(B=1, aux=0)
     same = dict(out, aux=[{k: out[k] for k in ["class_logits", "mask_logits", "pixel_embedding"]}])
     _, terms = loss(same, clip_batch(1))
-    for name in ["pq_class", "pq_dice", "tube_id", "instance_disc"]:
+    for name in ["pq_class", "pq_dice", "tube_id"]:
         torch.testing.assert_close(terms[f"aux0_{name}"], terms[name])
+    # Every head shares the final pixel embedding: instance discrimination is computed once.
+    assert "aux0_instance_disc" not in terms and "instance_disc" in terms
     # A slot-permuted aux head would score the same if re-matched; with the final matching it
     # does not.
     perm = torch.tensor([1, 0, 3, 2, *range(4, 21)])
@@ -398,14 +404,11 @@ def test_total_is_weighted_sum_of_named_terms_and_optional_heads():
     cfg = TubeLossConfig(
         pq_style_weight=2.0, tube_id_weight=0.5, instance_disc_weight=0.7, semantic_weight=1.3
     )
-    loss = TubeLoss(num_slots=21, config=cfg)
+    loss = TubeLoss(num_slots=21, config=dataclasses.replace(cfg, deep_supervision=True))
     total, terms = loss(random_outputs(), clip_batch())
     assert set(terms) == {
-        *(
-            f"{p}{n}"
-            for p in ["", "aux0_"]
-            for n in ["pq_class", "pq_dice", "tube_id", "instance_disc"]
-        ),
+        *(f"{p}{n}" for p in ["", "aux0_"] for n in ["pq_class", "pq_dice", "tube_id"]),
+        "instance_disc",
         "semantic",
     }
     weights = dict(pq_class=2.0, pq_dice=2.0, tube_id=0.5, instance_disc=0.7, semantic=1.3)
@@ -414,6 +417,11 @@ def test_total_is_weighted_sum_of_named_terms_and_optional_heads():
     bare = {k: v for k, v in random_outputs().items() if k in ("class_logits", "mask_logits")}
     _, bare_terms = loss(bare, clip_batch())
     assert set(bare_terms) == {"pq_class", "pq_dice", "tube_id"}
+    # Without deep supervision (the default, as deeplab2's MaX-DeepLab) aux heads are ignored.
+    _, final_only = TubeLoss(num_slots=21, config=cfg)(random_outputs(), clip_batch())
+    assert set(final_only) == {"pq_class", "pq_dice", "tube_id", "instance_disc", "semantic"}
+    for name, value in final_only.items():
+        torch.testing.assert_close(value, terms[name])
     with pytest.raises(ValueError, match="slots"):
         TubeLoss(num_slots=17)
     with pytest.raises(ValueError, match="expected 30 slots"):
@@ -532,3 +540,79 @@ def test_mask_approx_finite_on_empty_clips(fill):
     assert terms["mask_approx"] == 0 and torch.isfinite(total)
     total.backward()
     assert torch.isfinite(points[0].grad).all() and points[0].grad.abs().sum() == 0
+
+
+# Operators whose output size or value the host must read from the device (a CUDA sync).
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive",
+               "masked_select", "is_nonzero", "equal"}  # fmt: skip
+
+
+class SyncSpy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every operator that would make the host wait for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put_") and any(
+            t is not None and t.dtype == torch.bool for t in args[1]
+        )
+        if name in SYNCING_OPS or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_work(monkeypatch, run):
+    """Run ``run()`` with the target building (host work in training) outside the spy; return
+    the syncing operators seen and the number of device-to-host transfers (``Tensor.cpu``)."""
+    spy, transfers = SyncSpy(), []
+    real_tubes, real_cpu = TubeLoss._tubes, torch.Tensor.cpu
+
+    def tubes_on_host(self, *args):
+        with torch.utils._python_dispatch._disable_current_modes():
+            return real_tubes(self, *args)
+
+    def counted_cpu(self, *args, **kwargs):
+        transfers.append(tuple(self.shape))
+        return real_cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(TubeLoss, "_tubes", tubes_on_host)
+    monkeypatch.setattr(torch.Tensor, "cpu", counted_cpu)
+    with spy:
+        run()
+    monkeypatch.undo()
+    return spy.seen, transfers
+
+
+@pytest.mark.parametrize("sample_k", [0, 16])
+def test_loss_and_backward_wait_for_the_device_once(monkeypatch, sample_k):
+    """All clips of all pairs are matched with one transfer; nothing else syncs (loss or
+    backward), with deep supervision, crowd, void and an empty clip in the batch."""
+    cfg = TubeLossConfig(deep_supervision=True, contrastive_sample_k=sample_k)
+    loss = TubeLoss(num_slots=21, config=cfg)
+    a, b = random_outputs(B=3, seed=1), random_outputs(B=3, seed=2)
+    batch = clip_batch(3)
+    batch["panoptic"][2] = 255_000  # an all-void clip: no tubes
+
+    def run():
+        results = loss.losses([(a, batch), (b, batch)])
+        sum(total for total, _ in results).backward()
+
+    seen, transfers = count_host_work(monkeypatch, run)
+    assert seen == [] and len(transfers) == 1
+    _, single = count_host_work(monkeypatch, lambda: loss(a, batch))
+    assert len(single) == 1
+
+
+def test_nonfinite_outputs_give_a_nonfinite_loss_not_an_error():
+    """A diverged model must reach the training loop's non-finite guard: the matching does not
+    raise on NaN/inf similarities."""
+    loss = TubeLoss(num_slots=21)
+    out = random_outputs(B=2)
+    out["mask_logits"] = out["mask_logits"].detach() * float("nan")
+    out["class_logits"] = out["class_logits"].detach().clone()
+    out["class_logits"][1] = float("inf")
+    total, _ = loss(out, clip_batch())
+    assert not torch.isfinite(total)

@@ -30,7 +30,7 @@ def randomize_batch_norms(module: nn.Module, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    model = build_model("tiny").eval()
+    model = build_model("tiny", aux_heads=True).eval()
     randomize_batch_norms(model)
     return model
 
@@ -109,7 +109,8 @@ def test_output_shapes_odd_sizes(tiny, size, frames):
 
 
 def test_heads_and_deep_supervision_match_reference(tiny):
-    """Class/mask/semantic heads written out; aux outputs use each earlier layer's memory."""
+    """Class/mask/semantic heads written out; aux outputs use each earlier layer's memory and
+    that layer's own heads."""
     x = torch.rand(1, 2, 3, 33, 65) * 255
     memories = []
     hooks = [b.register_forward_hook(lambda m, i, o: memories.append(o[1])) for b in tiny.blocks]
@@ -126,16 +127,18 @@ def test_heads_and_deep_supervision_match_reference(tiny):
         return bn(x @ layer.linear.weight.T, layer.bn)
 
     with torch.no_grad():
-        for memory, pred in zip(memories, out["aux"] + [out]):
-            cls = F.relu(lin_bn(memory, tiny.class_feature)) @ tiny.class_head.weight.T
-            cls = cls + tiny.class_head.bias
+        for memory, pred, heads in zip(memories, out["aux"] + [out], [*tiny.aux_heads, tiny]):
+            cls = F.relu(lin_bn(memory, heads.class_feature)) @ heads.class_head.weight.T
+            cls = cls + heads.class_head.bias
             cls[..., -1] += math.log(19 * 9)
             torch.testing.assert_close(pred["class_logits"], cls)
-            kernel = lin_bn(F.relu(lin_bn(memory, tiny.mask_feature)), tiny.mask_head)
+            kernel = lin_bn(F.relu(lin_bn(memory, heads.mask_feature)), heads.mask_head)
             pixels = emb.permute(0, 2, 3, 4, 1)[:, None]  # (B, 1, T, h, w, D)
-            logits = bn((kernel[:, :, None, None, None, :] * pixels).sum(-1), tiny.mask_bn)
+            logits = bn((kernel[:, :, None, None, None, :] * pixels).sum(-1), heads.mask_bn)
             torch.testing.assert_close(pred["mask_logits"], logits, atol=1e-5, rtol=1e-5)
-            assert pred["pixel_embedding"] is emb  # the final pixel embedding for every output
+        # One pixel embedding for every output: only the final dict carries it.
+        assert all("pixel_embedding" not in aux for aux in out["aux"])
+        assert tiny.aux_heads[0].mask_bn is not tiny.mask_bn
         semantic = torch.einsum("bdthw,kd->bkthw", emb, tiny.semantic_head.weight.flatten(1))
         semantic = semantic + tiny.semantic_head.bias[:, None, None, None]
         torch.testing.assert_close(out["semantic_logits"], semantic, atol=1e-5, rtol=1e-5)
@@ -189,9 +192,9 @@ def test_build_model_rejects_unknown_names():
 
 def test_latent_and_global_switches():
     torch.manual_seed(2)
-    simple = build_model("tiny", use_latent=False).eval()
+    simple = build_model("tiny", use_latent=False, aux_heads=True).eval()
     assert not hasattr(simple, "latent_memory") and all(b.latent is None for b in simple.blocks)
-    memory_only = build_model("tiny", use_global=False).eval()
+    memory_only = build_model("tiny", use_global=False, aux_heads=True).eval()
     assert all(b.global_path is None for b in memory_only.blocks)
     x = torch.rand(1, 2, 3, 33, 33) * 255
     with torch.no_grad():
@@ -202,7 +205,7 @@ def test_latent_and_global_switches():
 
 def test_kitti_preset_forward_backward_small():
     torch.manual_seed(3)
-    model = build_model("kitti").train()
+    model = build_model("kitti", aux_heads=True).train()
     assert model.cfg.num_slots == 128 and model.cfg.num_latent == 16 and model.cfg.num_frames == 2
     out = model(torch.rand(1, 2, 3, 65, 65) * 255)
     assert out["class_logits"].shape == (1, 128, 20)
@@ -222,9 +225,11 @@ def test_kitti_preset_forward_backward_small():
 
 def test_gradient_checkpointing_same_outputs_and_gradients():
     torch.manual_seed(4)
-    plain = build_model("tiny", drop_path_keep_prob=0.8).train()
+    plain = build_model("tiny", drop_path_keep_prob=0.8, aux_heads=True).train()
     randomize_batch_norms(plain)
-    ckpt = build_model("tiny", drop_path_keep_prob=0.8, gradient_checkpointing=True).train()
+    ckpt = build_model(
+        "tiny", drop_path_keep_prob=0.8, gradient_checkpointing=True, aux_heads=True
+    ).train()
     ckpt.load_state_dict(plain.state_dict())
     x = torch.rand(2, 2, 3, 33, 49) * 255
     results = []
@@ -287,7 +292,9 @@ def test_resnet_view_loads_torchvision_layer4_into_the_blocks():
 def test_clustering_switch_shapes_and_deep_supervision(mode, frames):
     """Every global layer clusters the clip; aux tubes = upsampled S, classes = input memory's."""
     torch.manual_seed(7)
-    model = build_model("tiny", memory_update="clustering", clustering_assignment=mode).eval()
+    model = build_model(
+        "tiny", memory_update="clustering", clustering_assignment=mode, aux_heads=True
+    ).eval()
     randomize_batch_norms(model)
     assert all(isinstance(b, ClusteringBlock) for b in model.blocks)
     assert all(isinstance(b.global_path, ClusteringUpdate) for b in model.blocks)
@@ -320,10 +327,12 @@ def test_clustering_switch_shapes_and_deep_supervision(mode, frames):
             for k in (1, 2, 3):
                 between = (1 - k / 4) * S[..., :-1, :] + k / 4 * S[..., 1:, :]
                 torch.testing.assert_close(tubes[..., k::4, ::4], between)
-            # Class logits from the centres that made the assignment: this block's input memory.
-            torch.testing.assert_close(aux["class_logits"], model.classify(inputs[1]))
+            # Class logits from the centres that made the assignment: this block's input memory,
+            # through the layer's own class head.
+            heads = model.aux_heads[layer]
+            torch.testing.assert_close(aux["class_logits"], model.classify(inputs[1], heads))
         torch.testing.assert_close(out["class_logits"], model.classify(seen[-1][1][1]))
-        learned = model.classify(model.memory)
+        learned = model.classify(model.memory, model.aux_heads[0])
         torch.testing.assert_close(out["aux"][0]["class_logits"], learned.expand(2, -1, -1))
     assert not torch.allclose(out["aux"][0]["mask_logits"], out["aux"][1]["mask_logits"])
 
@@ -331,14 +340,17 @@ def test_clustering_switch_shapes_and_deep_supervision(mode, frames):
 def test_clustering_switch_reference_point_options():
     torch.manual_seed(8)
     x = torch.rand(1, 2, 3, 33, 33) * 255
-    model = build_model("tiny", memory_update="clustering", num_reference_points=3).eval()
+    model = build_model(
+        "tiny", memory_update="clustering", num_reference_points=3, aux_heads=True
+    ).eval()
     with torch.no_grad():
         points = model(x)["reference_points"]
     assert [p.shape for p in points] == [(1, 32, 3, 2)] * 2
     assert all(p.min() >= 0 and p.max() <= 1 for p in points)
     plain = build_model(
-        "tiny", memory_update="clustering", num_reference_points=0, coord_conv=False
-    ).eval()
+        "tiny", memory_update="clustering", num_reference_points=0, coord_conv=False,
+        aux_heads=True,
+    ).eval()  # fmt: skip
     with torch.no_grad():
         out = plain(x)
     assert "reference_points" not in out and len(out["aux"]) == 2
@@ -353,7 +365,8 @@ def test_clustering_switch_reference_point_options():
 def test_clustering_switch_checkpointing_same_outputs_and_gradients(mode):
     """Checkpointed blocks carry the clustering state through the recompute unchanged."""
     torch.manual_seed(9)
-    kwargs = dict(memory_update="clustering", clustering_assignment=mode, drop_path_keep_prob=0.8)
+    kwargs = dict(memory_update="clustering", clustering_assignment=mode, drop_path_keep_prob=0.8,
+                  aux_heads=True)  # fmt: skip
     plain = build_model("tiny", **kwargs).train()
     randomize_batch_norms(plain)
     ckpt = build_model("tiny", **kwargs, gradient_checkpointing=True).train()
@@ -383,3 +396,34 @@ def test_clustering_switch_checkpointing_same_outputs_and_gradients(mode):
     assert plain.blocks[1].global_path.pixel_cluster_key.linear.weight.grad.abs().sum() > 0
     for (name, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("memory_update", ["dual_path", "clustering"])
+def test_aux_heads_are_separate_and_leave_the_final_head_alone(memory_update):
+    """Deep supervision adds heads of its own (kMaX): the final outputs, and the running
+    statistics of the final heads' BNs, are those of the same model without aux heads."""
+    models = []
+    for aux in (False, True):
+        torch.manual_seed(11)  # aux heads are built last: same initial weights otherwise
+        models.append(build_model("tiny", memory_update=memory_update, aux_heads=aux).train())
+    plain, supervised = models
+    assert len(plain.aux_heads) == 0 and len(supervised.aux_heads) == 2 - (
+        memory_update == "dual_path"
+    )
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(supervised.state_dict()[name], value, rtol=0, atol=0)
+    x = torch.rand(2, 2, 3, 33, 49) * 255
+    outs = [model(x) for model in models]
+    assert outs[0]["aux"] == [] and len(outs[1]["aux"]) == len(supervised.aux_heads)
+    for key in ("class_logits", "mask_logits"):
+        torch.testing.assert_close(outs[1][key], outs[0][key])
+    for name, value in plain.state_dict().items():  # the final BNs saw the final layer alone
+        torch.testing.assert_close(supervised.state_dict()[name], value, msg=name)
+    # Without aux heads every parameter still reaches the loss (DDP needs no unused ones).
+    loss = sum(outs[0][k].square().mean() for k in ("class_logits", "mask_logits"))
+    loss = loss + outs[0]["semantic_logits"].square().mean()
+    for points in outs[0].get("reference_points", []):
+        loss = loss + points.square().mean()
+    loss.backward()
+    unused = [n for n, p in plain.named_parameters() if p.grad is None]
+    assert unused == []
