@@ -279,3 +279,53 @@ def test_kitti_preset_follows_deeplab2_where_it_can():
     assert kitti.grad_clip == 0 and kitti.batch_size * kitti.accumulate == 16
     _, criterion = train_module.build_task(dataclasses.replace(kitti, model="tiny"))
     assert not criterion.config.deep_supervision
+
+
+@pytest.mark.parametrize("memory_update", ["dual_path", "clustering"])
+def test_training_step_waits_for_the_device_once_per_micro_batch(monkeypatch, memory_update):
+    """Forward + loss + backward of a step (temporal consistency: two clips per sample) make no
+    syncing call and one device-to-host transfer, the Hungarian matching of all its clips."""
+    from minivseg.data import KittiStepClips, collate_clips
+    from tests.test_tube_loss import count_host_work
+
+    cfg = small("demo", "unused", temporal_consistency=1.0,
+                model_overrides={"memory_update": memory_update})  # fmt: skip
+    torch.manual_seed(0)
+    model, criterion = train_module.build_task(cfg)
+    dataset = KittiStepClips(SAMPLES, "train", 3, crop_size=(65, 97))
+    batch = collate_clips([dataset[0], dataset[5]])
+
+    def step():
+        loss, _ = train_module.compute_loss(model, criterion, batch, cfg)
+        loss.backward()
+
+    seen, transfers = count_host_work(monkeypatch, step)
+    assert seen == [] and len(transfers) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_loss_backward_sync_once(tmp_path):
+    """On a GPU, torch's sync debug mode sees exactly one sync in forward + loss + backward."""
+    import warnings
+
+    from minivseg.data import KittiStepClips, collate_clips
+
+    cfg = small("demo", tmp_path, temporal_consistency=1.0, device="cuda")
+    model, criterion = train_module.build_task(cfg)
+    model.cuda().train()
+    batch = collate_clips([KittiStepClips(SAMPLES, "train", 3, crop_size=(65, 97))[i]
+                           for i in (0, 5)])  # fmt: skip
+    batch["frames"] = batch["frames"].pin_memory().cuda(non_blocking=True)
+    train_module.compute_loss(model, criterion, batch, cfg)[0].backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = train_module.compute_loss(model, criterion, batch, cfg)
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
