@@ -126,7 +126,8 @@ def to_device(tensors: dict, device: torch.device) -> dict:
     """Copy a dict of host tensors to ``device`` without making the host wait (pinned on CUDA)."""
     if device.type != "cuda":
         return {k: v.to(device) for k, v in tensors.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
+    pinned = {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in tensors.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in pinned.items()}
 
 
 @torch.no_grad()
@@ -293,14 +294,13 @@ class TubeLoss(nn.Module):
         (M, T, h, w) masks are made. Returns (tube channels as a numpy array, device tubes)."""
         host = tubes_from_panoptic(panoptic, size, self.num_classes, self.thing_classes)
         host["semantic"] = semantic_target(panoptic, size, self.num_classes)
-        channels = host["channels"].numpy() if host["channels"].device.type == "cpu" else None
+        channels = host["channels"].numpy(force=True)
         if panoptic.device == device:
-            return host["channels"].cpu().numpy() if channels is None else channels, host
-        host = {k: v.cpu() for k, v in host.items() if k != "masks"}
-        tubes = to_device(host, device)
-        slots = torch.arange(len(host["channels"]), device=device)[:, None, None, None]
+            return channels, host
+        tubes = to_device({k: v for k, v in host.items() if k != "masks"}, device)
+        slots = torch.arange(len(channels), device=device)[:, None, None, None]
         tubes["masks"] = (tubes["tube_index"] == slots).float()
-        return host["channels"].numpy(), tubes
+        return channels, tubes
 
     def _clip_terms(self, outputs, b, tubes, match) -> dict[str, torch.Tensor]:
         """Every unweighted term of clip b, given its tubes and matching."""
