@@ -19,8 +19,9 @@
 # 3. Hungarian matching of tubes (checked by brute force),
 # 4. why the stuff slots are fixed,
 # 5. the PQ-style class and Dice terms with deeplab2's weights,
-# 6. the auxiliary terms: tube-ID cross-entropy, instance discrimination (and CMT-DeepLab's
-#    pixel-contrastive Eq. (14)), video semantic cross-entropy, deep supervision,
+# 6. the auxiliary terms: tube-ID cross-entropy (and deeplab2's gradient on crowd pixels),
+#    instance discrimination (and CMT-DeepLab's pixel-contrastive Eq. (14)), video semantic
+#    cross-entropy, and optional deep supervision,
 # 7. a few training steps of the tiny TubeFormer on one clip,
 # 8. the temporal consistency loss between overlapping clips,
 #
@@ -179,7 +180,9 @@ plt.show()
 # `scipy.optimize.linear_sum_assignment` solves this with cost $-\operatorname{sim}$, and it
 # accepts rectangular matrices ($M \ne N$). Matching is bookkeeping, not a differentiable
 # function: it runs under `torch.no_grad()`. We check it against brute force over all
-# permutations on a small problem.
+# permutations on a small problem. (The package splits this in two: `matching_similarity` computes
+# sim where the model ran, `assign_slots` runs scipy on the host, and `TubeLoss` copies the
+# similarities of every clip in a batch to the host in one transfer.)
 
 
 # %%
@@ -270,8 +273,8 @@ assert len(set(history[S])) == 1
 #   $\alpha / N$ so that it has the same normalisation as the class term;
 # * both terms get the PQ-style weight 3.0.
 #
-# The matching and all weights come from the **final** output and are reused for every
-# deep-supervision head.
+# The matching and all weights come from the **final** output. With deep supervision (§6) they
+# are reused for every auxiliary head.
 
 
 # %%
@@ -299,6 +302,7 @@ def loss_targets(mask_logits, tubes, matched, alpha=0.75):
         dice_weight=matched["class_prob"][tube, slot].clamp_min(1e-5),
         pixel_slot=slot_of_tube[index],
         in_tube=(index >= 0).float(),
+        no_target=rearrange(tubes["valid"], "t h w -> (t h w)") & (slot_of_tube[index] < 0),
     )
 
 
@@ -327,6 +331,22 @@ print(f"untrained: pq_class {pq_class:.4f}  pq_dice {pq_dice:.4f}")
 # slots should pick the slot matched to that tube:
 # $\;\mathcal L_\text{tube-ID} = \operatorname{mean}_{p}\,\bigl[-\log \hat m_{\sigma(i_p)}(p)\bigr]$.
 #
+# **Crowd pixels in the tube-ID CE.** A crowd pixel (or a pixel of a GT tube left unmatched) is
+# not void, but it has no target slot. deeplab2 computes this CE with a one-hot target $y_p$
+# over the $N$ slots, weighted by the non-void mask, so such a pixel gets the all-zero target
+# $y_p = 0$. TensorFlow's softmax cross-entropy returns the value $-\sum_j y_{pj}\log
+# \operatorname{softmax}(z_p)_j = 0$, but its gradient is $\operatorname{softmax}(z_p) - y_p$,
+# which assumes $\sum_j y_{pj} = 1$. With $y_p = 0$ the gradient is $\operatorname{softmax}(z_p)$.
+# We write the same thing with a stop-gradient $\operatorname{sg}$:
+#
+# $$\ell_p = \operatorname{lse}(z_p) - \operatorname{sg}\bigl(\operatorname{lse}(z_p)\bigr),
+# \qquad \operatorname{lse}(z) = \log\sum_j e^{z_j}, \qquad \ell_p = 0, \qquad
+# \frac{\partial \ell_p}{\partial z_p} = \operatorname{softmax}(z_p).$$
+#
+# The value is 0, so the pixel is not counted in the nonzero-mean. Its gradient still lowers
+# every slot's logit in proportion to its probability (the winning slot most), so the model
+# grows less sure of any one slot on crowd.
+#
 # **Video instance discrimination** (weight 1.0, MaX-DeepLab): average the L2-normalised pixel
 # embeddings $f_p$ over each GT tube, renormalise to get $\bar f_i$, and classify every *thing*
 # pixel among the tubes with temperature $\tau = 0.3$:
@@ -343,13 +363,25 @@ print(f"untrained: pq_class {pq_class:.4f}  pq_dice {pq_dice:.4f}")
 # **Video semantic cross-entropy** (weight 1.0): an ordinary per-pixel CE of the semantic head
 # (dataset class order) against the subsampled semantic map. Void is ignored, **crowd counts**.
 # Optionally only the top-$k$% hardest pixels are averaged.
+#
+# **Deep supervision** (optional). kMaX-DeepLab and CMT-DeepLab supervise every decoder layer:
+# the memory after each earlier global layer goes through *its own* heads (class and mask FFNs,
+# mask-embedding BN, tube-logit BN) and gets the PQ-style and tube-ID terms as `aux{i}_...`,
+# with the final output's matching, targets and weights. deeplab2's MaX-DeepLab has no auxiliary
+# outputs, so the option is off by default (`TubeLossConfig.deep_supervision`; the model builds
+# the extra heads only with `aux_heads=True`). `default_loss_config("clustering")` turns it on for
+# CMT's clustering update. Instance discrimination and the semantic CE read the pixel
+# embedding, which every head shares, so they are computed once, on the final output.
 
 
 # %%
 def tube_id_ce(mask_logits, targets):
-    log_probs = rearrange(mask_logits.log_softmax(0), "n t h w -> n (t h w)")
+    """(P,) per-pixel CE; a non-void pixel without a target slot is 0 but pulls with softmax(z)."""
+    logits = rearrange(mask_logits, "n t h w -> n (t h w)")
     pixel_slot = targets["pixel_slot"]
-    return -log_probs.gather(0, pixel_slot.clamp_min(0)[None])[0] * (pixel_slot >= 0)  # (P,)
+    ce = -logits.log_softmax(0).gather(0, pixel_slot.clamp_min(0)[None])[0] * (pixel_slot >= 0)
+    lse = logits.logsumexp(0)
+    return ce + (lse - lse.detach()) * targets["no_target"]  # (P,)
 
 
 def instance_discrimination(embedding, tubes, tau=0.3):
@@ -393,41 +425,61 @@ def top_k_mean(loss, fraction):
     return mean_nonzero(torch.topk(loss, k).values if k < len(loss) else loss)
 
 
+# The crowd gradient on the untrained model: make the car track a crowd region (instance 0).
+CAR = 13 * LABEL_DIVISOR + 1  # the clip's car, track 1
+assert (clip_panoptic == CAR).any()
+crowd_panoptic = torch.where(clip_panoptic == CAR, CAR - 1, clip_panoptic)
+crowd_tubes = ground_truth_tubes(crowd_panoptic[0], size)
+z = untrained["mask_logits"][0].clone().requires_grad_()  # (N, T, h, w) leaf
+crowd_targets = loss_targets(z, crowd_tubes, match(untrained["class_logits"][0], z, crowd_tubes, S))
+pixel_ce = tube_id_ce(z, crowd_targets)
+mean_nonzero(pixel_ce).backward()
+crowd, counted = crowd_targets["no_target"], (pixel_ce != 0).sum()
+assert crowd.any() and (pixel_ce[crowd] == 0).all()
+torch.testing.assert_close(
+    rearrange(z.grad, "n t h w -> n (t h w)")[:, crowd],
+    rearrange(z.detach().softmax(0), "n t h w -> n (t h w)")[:, crowd] / counted,
+)
+print(f"{crowd.sum()} crowd pixels: loss 0, not counted, gradient softmax(z) / {counted}")
+
+
 # %% [markdown]
 # ## 7. A few training steps on one clip
 #
-# Let us train the tiny TubeFormer on this single clip with all terms and watch the per-slot
-# weights. Before training every slot predicts void with $p \approx 0.9$ (the void prior), so
-# the matched class probabilities are tiny. The Dice term is nearly switched off, and the loss
-# first teaches the class head. As the class probabilities grow, the Dice weights grow, and the
-# masks start to learn. This is why the PQ-style loss *rises* at first in a real run. The weights
+# Let us train the tiny TubeFormer on this single clip with the default terms (no deep
+# supervision, as in deeplab2's MaX-DeepLab) and watch the per-slot weights. Before training
+# every slot predicts void with $p \approx 0.9$ (the void prior), so the matched class
+# probabilities are tiny. The Dice term is nearly switched off, and the loss first teaches the
+# class head. As the class probabilities grow, the Dice weights grow, and the masks start to
+# learn. This is why the PQ-style loss *rises* at first in a real run. The weights
 # $\hat p$ and Dice are constants in each step, but they change from step to step.
 
 # %%
 WEIGHTS = dict(pq_class=3.0, pq_dice=3.0, tube_id=0.3, instance_disc=1.0, semantic=1.0)
 
 
-def clip_terms(outputs, panoptic, b=0, sample_k=0, semantic_top_k=1.0, num_stuff=S):
-    """All unweighted terms of clip b: final head, aux heads with the final matching, semantic."""
+def clip_terms(
+    outputs, panoptic, b=0, sample_k=0, semantic_top_k=1.0, num_stuff=S, deep_supervision=False
+):
+    """All unweighted terms of clip b: final head (and aux heads with the final matching), then
+    instance discrimination and semantic CE once, on the shared pixel embedding."""
     tubes = ground_truth_tubes(panoptic[b], outputs["mask_logits"].shape[-2:])
     matched = match(outputs["class_logits"][b], outputs["mask_logits"][b], tubes, num_stuff)
     targets = loss_targets(outputs["mask_logits"][b], tubes, matched)
+    heads = [outputs, *outputs["aux"]] if deep_supervision else [outputs]
     terms = {}
-    for i, head in enumerate([outputs, *outputs["aux"]]):
+    for i, head in enumerate(heads):
         prefix = "" if i == 0 else f"aux{i - 1}_"
         pq_class, pq_dice = pq_terms(
             head["class_logits"][b], head["mask_logits"][b], tubes, matched, targets
         )
         terms[prefix + "pq_class"], terms[prefix + "pq_dice"] = pq_class, pq_dice
         terms[prefix + "tube_id"] = mean_nonzero(tube_id_ce(head["mask_logits"][b], targets))
-        if sample_k:
-            terms[prefix + "instance_disc"] = mean_nonzero(
-                pixel_contrastive(head["pixel_embedding"][b], tubes, sample_k)
-            )
-        else:
-            terms[prefix + "instance_disc"] = mean_nonzero(
-                instance_discrimination(head["pixel_embedding"][b], tubes)
-            )
+    embedding = outputs["pixel_embedding"][b]
+    if sample_k:
+        terms["instance_disc"] = mean_nonzero(pixel_contrastive(embedding, tubes, sample_k))
+    else:
+        terms["instance_disc"] = mean_nonzero(instance_discrimination(embedding, tubes))
     terms["semantic"] = top_k_mean(
         semantic_ce(outputs["semantic_logits"][b], panoptic[b]), semantic_top_k
     )
@@ -458,7 +510,7 @@ for step in range(31):
             snapshots[step] = loss_targets(outputs["mask_logits"][0], tubes, m) | dict(
                 slot=m["slot"]
             )
-    curves.append({k: v.item() for k, v in terms.items() if not k.startswith("aux")})
+    curves.append({k: v.item() for k, v in terms.items()})
     optimizer.zero_grad()
     total.backward()
     optimizer.step()
@@ -497,8 +549,9 @@ plt.show()
 
 # %% [markdown]
 # Per-pixel views of the auxiliary terms after these steps. Tube-ID CE and instance
-# discrimination are zero outside tubes (and outside things). The semantic CE also covers crowd
-# pixels, and it is zero only on void.
+# discrimination are zero outside tubes (and outside things); on crowd the tube-ID CE is zero
+# in value, not in gradient. The semantic CE also covers crowd pixels, and it is zero only on
+# void.
 
 # %%
 with torch.no_grad():
@@ -569,10 +622,14 @@ plt.show()
 # ## 9. Check against the package
 #
 # The loss has no parameters, so "loading the weights" is trivial: both modules have empty state
-# dicts. What must match is every term. We use a seeded batch of two clips (the clip and its
-# mirror image) through the model we just trained, aux heads included. We check the default
-# configuration, the top-20% semantic loss, and the pixel-contrastive variant with the same random
-# seed for the pixel sampling.
+# dicts. What must match is every term *and* its gradient. We use a seeded batch of two clips:
+# the clip, and its mirror image with the car turned into crowd (§6), through the model we just
+# trained. We compare the values, and the gradients $\partial\mathcal L/\partial o$ with respect
+# to every model output $o$ (class, tube and semantic logits, pixel embedding, aux heads). We
+# check the default configuration, the top-20% semantic loss, the pixel-contrastive variant
+# (with the same random seed for the pixel sampling), and deep supervision. For the last one we
+# build the model with `aux_heads=True` and load the trained weights into it: the aux heads are
+# built last, so only their keys are new, and the final outputs stay those of the trained model.
 
 # %%
 from minivseg.tube_loss import TubeLoss, TubeLossConfig, match_tubes, temporal_consistency_loss
@@ -587,32 +644,83 @@ class LessonTubeLoss(nn.Module):
         return lesson_loss(outputs, batch, **self.options)
 
 
+def leaf_copy(outputs):
+    """The outputs (aux heads too) as fresh leaf tensors, so backward leaves a .grad on each."""
+
+    def copy(head):
+        return {k: v.detach().clone().requires_grad_() for k, v in head.items() if k != "aux"}
+
+    return copy(outputs) | {"aux": [copy(head) for head in outputs["aux"]]}
+
+
+def gradients(outputs):
+    heads = {"": outputs} | {f"aux{i}_": head for i, head in enumerate(outputs["aux"])}
+    return {p + k: v.grad for p, head in heads.items() for k, v in head.items() if k != "aux"}
+
+
 torch.manual_seed(1)
 check_frames = torch.cat([clip_frames, clip_frames.flip(-1)])
-check_batch = dict(panoptic=torch.cat([clip_panoptic, clip_panoptic.flip(-1)]))
+check_batch = dict(panoptic=torch.cat([clip_panoptic, crowd_panoptic.flip(-1)]))
+aux_model = build_model("tiny", aux_heads=True)
+missing, unexpected = aux_model.load_state_dict(model.state_dict(), strict=False)
+assert missing and all(k.startswith("aux_heads.") for k in missing) and not unexpected
 with torch.no_grad():
     check_outputs = model(check_frames)
+    aux_outputs = aux_model(check_frames)
+assert check_outputs["aux"] == [] and len(aux_outputs["aux"]) == 1
+mirror_tubes = ground_truth_tubes(check_batch["panoptic"][1], size)
+mirror_crowd = mirror_tubes["valid"] & (mirror_tubes["tube_index"] < 0)  # (T, h, w), the car
 settings = [
-    (dict(), TubeLossConfig()),
-    (dict(semantic_top_k=0.2), TubeLossConfig(semantic_top_k=0.2)),
-    (dict(sample_k=256), TubeLossConfig(contrastive_sample_k=256)),
+    (dict(), TubeLossConfig(), check_outputs),
+    (dict(semantic_top_k=0.2), TubeLossConfig(semantic_top_k=0.2), check_outputs),
+    (dict(sample_k=256), TubeLossConfig(contrastive_sample_k=256), check_outputs),
+    (dict(deep_supervision=True), TubeLossConfig(deep_supervision=True), aux_outputs),
 ]
-for options, config in settings:
+for options, config, outputs in settings:
     ours = LessonTubeLoss(**options)
     package = TubeLoss(NUM_CLASSES, THING_CLASSES, num_slots=N, config=config)
     package.load_state_dict(ours.state_dict(), strict=True)
+    ours_in, package_in = leaf_copy(outputs), leaf_copy(outputs)
     torch.manual_seed(2)
-    total_ours, terms_ours = ours(check_outputs, check_batch)
+    total_ours, terms_ours = ours(ours_in, check_batch)
+    total_ours.backward()
     torch.manual_seed(2)
-    total_package, terms_package = package(check_outputs, check_batch)
+    total_package, terms_package = package(package_in, check_batch)
+    total_package.backward()
     assert terms_ours.keys() == terms_package.keys()
     for name in terms_ours:
         torch.testing.assert_close(terms_package[name], terms_ours[name])
     torch.testing.assert_close(total_package, total_ours)
-    print(options or "default", "-> total", round(total_package.item(), 4), "terms match")
+    grads_ours, grads_package = gradients(ours_in), gradients(package_in)
+    assert all(g is not None for g in grads_ours.values())
+    # On crowd only the tube-ID CE reaches the tube logits: this is the softmax(z) pull.
+    assert grads_package["mask_logits"][1][:, mirror_crowd].abs().sum() > 0
+    for name in grads_ours:
+        torch.testing.assert_close(grads_package[name], grads_ours[name], msg=name)
+    print(options or "default", "-> total", round(total_package.item(), 4),
+          f"terms and gradients on {', '.join(grads_ours)} match")  # fmt: skip
 
 m_package = match_tubes(check_outputs["class_logits"][0], check_outputs["mask_logits"][0], tubes, S)
 m_ours = match(check_outputs["class_logits"][0], check_outputs["mask_logits"][0], tubes, S)
+torch.testing.assert_close(m_package["dice"], m_ours["dice"])
+torch.testing.assert_close(m_package["class_prob"], m_ours["class_prob"])
+
+
+def matching_margin(sim):
+    """Total similarity the best matching loses when any one of its pairs is forbidden."""
+    rows, cols = linear_sum_assignment(-sim.numpy())
+    best, margin = sim[rows, cols].sum(), float("inf")
+    for r, c in zip(rows, cols):
+        other = sim.clone()
+        other[r, c] = -1.0  # similarities are >= 0
+        r2, c2 = linear_sum_assignment(-other.numpy())
+        margin = min(margin, (best - other[r2, c2].sum()).item())
+    return margin
+
+
+# Two implementations agree on the matching only where it is unique: check that it is.
+things = torch.nonzero(tubes["channels"] < K - S)[:, 0]
+assert matching_margin((m_ours["dice"] * m_ours["class_prob"])[things, : N - S]) > 1e-4
 assert torch.equal(m_package["slot"], m_ours["slot"]) and torch.equal(
     m_package["tube"], m_ours["tube"]
 )

@@ -391,6 +391,11 @@ from minivseg.sparse_temporal import SparseTemporalTransformer, STTSegmenter
 package = SparseTemporalTransformer(64, num_key_frames=3, num_heads=4, nsm_radius=2)
 package.load_state_dict(layer.state_dict(), strict=True)
 with torch.no_grad():
+    # Both keep the top half of their NSM maps: the last score kept and the first one dropped
+    # must differ by more than float error, or the two could select different queries.
+    ranked = package(query, keys)["nsm"].flatten(1).sort(1, descending=True).values
+    kept = round(package.query_ratio * ranked.shape[1])
+    assert (ranked[:, kept - 1] - ranked[:, kept]).min() > 1e-4
     torch.testing.assert_close(package(query, keys)["features"], layer(query, keys))
     layer.dense = package.dense = True
     torch.testing.assert_close(package(query, keys)["features"], layer(query, keys))

@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import random
+import re
 import tempfile
 
 import matplotlib.pyplot as plt
@@ -42,7 +43,7 @@ import torch
 from matplotlib.colors import hsv_to_rgb
 from scipy import ndimage
 
-from minivseg.config import demo, kitti, parse_args
+from minivseg.config import apply_overrides, demo, kitti, parse_args
 from minivseg.data import KittiStepClips, collate_clips
 from minivseg.evaluate import (
     evaluate_model,
@@ -59,7 +60,9 @@ from minivseg.panoptic import (
     THING_CLASSES,
     thing_stuff_class_ids,
 )
-from minivseg.tube_loss import TubeLoss
+from minivseg.train import load_pretrained_backbone
+from minivseg.tube_loss import TubeLoss, default_loss_config
+from minivseg.tubeformer import PRESETS as MODEL_PRESETS
 from minivseg.tubeformer import build_model
 from minivseg.visualize import compare, overlay
 
@@ -188,13 +191,22 @@ plt.show()
 # - **Data.** Draw $A$ micro-batches of $B$ clips each from the key stream.
 # - **Loss.** Run the model, then the tube loss of lesson 04 (TubeFormer §3.3). The total is
 #   $\mathcal L = \sum_k w_k \mathcal L_k$: PQ-style class and Dice terms (weight 3 each),
-#   tube-ID cross-entropy (0.3), instance discrimination (1) and video semantic cross-entropy (1),
-#   plus the same terms on every auxiliary head (deep supervision).
+#   tube-ID cross-entropy (0.3), instance discrimination (1) and video semantic cross-entropy (1).
+#   The loss takes its classes from the model's config and its options from the run's config
+#   (`--loss.FIELD=value` on top of `default_loss_config`). Deep supervision, the PQ-style and
+#   tube-ID terms again on every earlier layer through its own heads, is one of these options
+#   (`--loss.deep_supervision`). It is off by default, as in deeplab2's MaX-DeepLab recipe, and the
+#   model builds the extra heads only when it is on. The labels stay on the host, where the loss
+#   builds its targets; only the frames go to the device.
 # - **Accumulation.** Backpropagate $\mathcal L_a / A$ for each micro-batch $a$. The gradients add
 #   up to $\nabla \tfrac1A \sum_a \mathcal L_a$, the gradient of one batch of $A \cdot B$ clips.
 #   (BatchNorm still sees only $B$ clips at a time.)
-# - **Clipping.** Rescale the gradient $g$ to a global norm of at most $c$:
-#   $g \leftarrow g \cdot \min(1, c / \lVert g \rVert)$.
+# - **Clipping.** Compute the global norm $\lVert g \rVert = (\sum_i \lVert g_i \rVert^2)^{1/2}$
+#   once (`get_total_norm`; the package logs it as `grad_norm` and skips a step whose loss or
+#   norm is not finite). If $c > 0$, rescale the gradient to a norm of at most $c$ with that norm
+#   (`clip_grads_with_norm_`): $g \leftarrow g \cdot \min(1, c / \lVert g \rVert)$, the same
+#   numbers as `clip_grad_norm_`. `demo` clips at $c = 1$; `kitti` does not clip ($c = 0$),
+#   because deeplab2 trains MaX-DeepLab without clipping.
 # - **Update.** Take an AdamW step (`demo`; `kitti` uses Adam, as deeplab2 does) with the
 #   scheduled rate $\eta(s)$:
 #   $\theta \leftarrow \theta - \eta(s)\,(\hat m / (\sqrt{\hat v} + \epsilon) + \lambda\theta)$,
@@ -205,21 +217,23 @@ plt.show()
 # On CUDA the forward pass runs under bf16 autocast. The loss itself always runs in float32
 # (`TubeLoss` disables autocast), because its softmaxes over slots need the precision.
 #
-# Pretrained backbone weights get their own parameter group with a lower learning rate
-# (`--pretrained`, §7). Seeding happens before the model is built, so the seed fixes the initial
-# weights as well as the data. The package version adds logging, checkpoints, resuming,
-# skipping of non-finite steps, periodic evaluation and multi-GPU training.
+# The parameters loaded from a pretrained checkpoint get their own parameter group with a lower
+# learning rate (`--pretrained`, §7). Seeding happens before the model is built, so the seed
+# fixes the initial weights as well as the data. The package version adds logging, checkpoints,
+# resuming, skipping of non-finite steps (BatchNorm statistics restored), frozen BatchNorm,
+# periodic evaluation and multi-GPU training.
 # `callback(step, model)` lets us look at the model during training.
 
 
 # %%
-def parameter_groups(model, cfg):
-    """Full LR for everything, except the pretrained backbone: LR x backbone_lr_multiplier."""
-    backbone = {id(p) for p in model.resnet_view().parameters()} if cfg.pretrained else set()
-    groups = [{"params": [p for p in model.parameters() if id(p) not in backbone], "lr": cfg.lr}]
-    if backbone:
-        pretrained = [p for p in model.parameters() if id(p) in backbone]
-        groups.append({"params": pretrained, "lr": cfg.lr * cfg.backbone_lr_multiplier})
+def parameter_groups(model, cfg, pretrained=frozenset()):
+    """Full LR, except the parameters loaded from a checkpoint (`pretrained`: their ids), which
+    get LR x backbone_lr_multiplier."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in pretrained], "lr": cfg.lr}]
+    loaded = [p for p in trainable if id(p) in pretrained]
+    if loaded:
+        groups.append({"params": loaded, "lr": cfg.lr * cfg.backbone_lr_multiplier})
     return groups
 
 
@@ -231,15 +245,22 @@ def train(cfg, callback=None):
     dataset = KittiStepClips(cfg.data, cfg.train_split, cfg.clip_length, crop_size=cfg.crop_size,
                              scale_range=cfg.scale_range, flip=cfg.flip, clip_paste=cfg.clip_paste,
                              seed=cfg.seed)  # fmt: skip
-    model = build_model(cfg.model).to(device)
-    criterion = TubeLoss(NUM_CLASSES, THING_CLASSES, num_slots=model.cfg.num_slots)
-    groups = parameter_groups(model, cfg)
+    # The loss options of the model's layer type, then --loss.FIELD=value (no --model. overrides).
+    memory_update = MODEL_PRESETS[cfg.model]().memory_update
+    loss_cfg = apply_overrides(default_loss_config(memory_update), cfg.loss_overrides, "loss.")
+    model = build_model(cfg.model, aux_heads=loss_cfg.deep_supervision)
+    criterion = TubeLoss(model.cfg.num_classes, model.cfg.thing_classes,
+                         num_slots=model.cfg.num_slots, config=loss_cfg)  # fmt: skip
+    pretrained = load_pretrained_backbone(model, cfg.pretrained) if cfg.pretrained else set()  # §7
+    model.to(device)
+    groups = parameter_groups(model, cfg, pretrained)
     optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     optimizer = optimizer_class(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     base_lrs = [group["lr"] for group in groups]
     keys = data_keys(len(dataset), cfg.seed)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     history = []
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for step in range(cfg.max_steps):
         if callback is not None:
@@ -247,19 +268,23 @@ def train(cfg, callback=None):
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * warmup_poly(step, cfg)  # η(s)
         optimizer.zero_grad(set_to_none=True)
-        record = {}
+        loss_sum, terms_sum = 0.0, {}
         for _ in range(cfg.accumulate):
             batch = collate_clips([dataset[next(keys)] for _ in range(cfg.batch_size)])
+            batch["frames"] = batch["frames"].to(device)  # the labels stay on the host
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                outputs = model(batch["frames"].to(device))
-                loss, terms = criterion(outputs, {"panoptic": batch["panoptic"].to(device)})
+                loss, terms = criterion(model(batch["frames"]), batch)
             (loss / cfg.accumulate).backward()  # gradients add up over the A micro-batches
-            for name, value in {"total": loss, **terms}.items():
-                record[name] = record.get(name, 0.0) + float(value.detach()) / cfg.accumulate
+            loss_sum = loss_sum + loss.detach() / cfg.accumulate
+            for name, value in terms.items():
+                terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / cfg.accumulate
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm, foreach=True)
         optimizer.step()
-        history.append(record)
+        values = torch.stack([loss_sum, grad_norm, *terms_sum.values()]).tolist()
+        history.append(dict(zip(["total", "grad_norm", *terms_sum], values)))
     if callback is not None:
         callback(cfg.max_steps, model)
     return model, history
@@ -321,9 +346,9 @@ print(f"trained {STEPS} steps: loss {history[0]['total']:.3f} -> {history[-1]['t
 # %% [markdown]
 # ### The loss terms
 #
-# Curves are smoothed over 5 steps; the auxiliary-head terms (`aux0_...`) are left out. In the
-# first 60 steps the total falls from about 7 to about 5. The class term and instance
-# discrimination fall fastest. The PQ-style Dice term *rises* at first, and that is expected:
+# Curves are smoothed over 5 steps. (With `--loss.deep_supervision=true` there would also be
+# auxiliary-head terms, `aux0_...`; we would leave them out.) In the first 60 steps the total
+# falls from about 7 to about 5. The class term and instance discrimination fall fastest. The PQ-style Dice term *rises* at first, and that is expected:
 # MaX-DeepLab weights each matched slot's Dice loss by that slot's (stop-gradient) probability of
 # the correct class, $\hat p_j(c_i)$. Because of the void prior, that probability starts near
 # $0.1 / 19 \approx 0.005$, so the Dice term switches on as the classifier learns. With
@@ -460,9 +485,9 @@ plt.show()
 # - **Gradient checkpointing** recomputes the axial and dual-path blocks during the backward pass
 #   instead of storing their activations.
 # - **Pretrained backbone.** `--pretrained=resnet50.pth` loads a torchvision ResNet-50 state dict
-#   (download it yourself; nothing downloads at run time) into the backbone. Those weights get
-#   learning rate × 0.1 (`backbone_lr_multiplier`, as deeplab2 does for MaX-DeepLab), while the
-#   new transformer layers and heads train at the full rate.
+#   (download it yourself; nothing downloads at run time) into the backbone. The weights it
+#   loaded get learning rate × 0.1 (`backbone_lr_multiplier`); everything else trains at the full
+#   rate (see below).
 # - **Temporal consistency.** Each sample is a clip of $T + 1$ frames, split into two
 #   overlapping $T$-frame clips with an L1 loss on their $T - 1$ shared frames (lesson 04 §8).
 #   This needs `minivseg.train.compute_loss`; our loop above calls the tube loss directly.
@@ -484,15 +509,89 @@ print(f"effective batch {kitti().batch_size * kitti().accumulate} clips per GPU,
       f"kitti model: {sum(p.numel() for p in build_model('kitti').parameters()) / 1e6:.1f} M "
       "parameters")  # fmt: skip
 
+# %% [markdown]
+# ### Which parameters get the lower learning rate
+#
+# deeplab2 applies its backbone multiplier to the variables it *restores* from the checkpoint:
+# they already hold useful ImageNet features, and a full-rate start would wash them out. A
+# parameter that starts random has nothing to protect, so it must learn at the full rate, even
+# when it sits inside the backbone. A torchvision ResNet-50 fills only what our Axial-ResNet
+# shares with it: the convolutions of the non-axial bottleneck blocks, with their BatchNorms. It
+# has no axial attention, so an axial block (its attention and the 1×1 convs around it) stays
+# random. So do our 3×3 inception stem (torchvision's stem is one 7×7 conv) and stage 2's first
+# conv1 and shortcut, which see 128 stem channels instead of 64. For the `kitti` backbone that is
+# about 5 M loaded of its 41 M parameters (README). So the multiplier goes to exactly the loaded
+# parameters $\Theta_\text{loaded}$:
+#
+# $$\eta_\theta = \begin{cases} m\,\eta(s) & \theta \in \Theta_\text{loaded} \\
+# \eta(s) & \text{otherwise}, \end{cases} \qquad m = \texttt{backbone\_lr\_multiplier} .$$
+#
+# The loader copies a tensor only when our counterpart has the same shape, and a BatchNorm only
+# when its conv was copied. We rebuild that rule by name: our key, mapped to its torchvision
+# name, must be in the checkpoint with our shape, and so must the conv of its conv+BN unit. We
+# test it on a fake checkpoint with torchvision names and the tiny backbone's shapes, except for a
+# 7×7 stem, and compare our groups with `minivseg.train.param_groups` after
+# `minivseg.train.load_pretrained_backbone` loaded the same file.
+
+# %%
 from minivseg.train import param_groups
 
-pretrained_cfg = dataclasses.replace(kitti(), pretrained="resnet50.pth")
+
+def torchvision_name(key):
+    """Our backbone key -> its torchvision ResNet-50 key, or None (the stem's later convs and the
+    axial attention have no counterpart)."""
+    stem = re.fullmatch(r"stem\.0\.(conv|bn)\.(.+)", key)
+    if stem:
+        return f"{stem[1]}1.{stem[2]}"  # conv1.weight, bn1.weight, ...
+    unit = re.fullmatch(r"stage(\d)\.(\d+)\.(conv(\d)|shortcut)\.(conv|bn)\.(.+)", key)
+    if unit is None:
+        return None
+    stage, index, name, number, part, param = unit.groups()
+    name = f"downsample.{int(part == 'bn')}" if name == "shortcut" else f"{part}{number}"
+    return f"layer{int(stage) - 1}.{index}.{name}.{param}"
+
+
+def loaded_parameter_ids(model, state_dict):
+    """ids of the backbone parameters that a torchvision ResNet-50 state dict fills."""
+    view = model.resnet_view()  # stem + stages 2-5, sharing the model's parameters
+    ours = view.state_dict()
+
+    def fits(key):  # the checkpoint has this tensor, under its torchvision name, in our shape
+        name = torchvision_name(key)
+        return name in state_dict and state_dict[name].shape == ours[key].shape
+
+    # A BN only with its conv: stage2.0.conv1.bn.weight needs stage2.0.conv1.conv.weight to fit.
+    return {
+        id(p)
+        for key, p in view.named_parameters()
+        if fits(key) and fits(key.rsplit(".", 2)[0] + ".conv.weight")
+    }
+
+
 tiny = build_model("tiny")
-for ours, theirs in zip(parameter_groups(tiny, pretrained_cfg), param_groups(tiny, pretrained_cfg)):
+backbone = tiny.resnet_view().state_dict()
+fake = {torchvision_name(k): torch.randn(v.shape) for k, v in backbone.items()
+        if torchvision_name(k) and v.is_floating_point()}  # fmt: skip
+fake["conv1.weight"] = torch.randn(16, 3, 7, 7)  # torchvision's 7x7 stem: no 3x3 counterpart
+with tempfile.TemporaryDirectory() as folder:
+    torch.save(fake, f"{folder}/resnet50.pth")
+    pretrained_cfg = dataclasses.replace(kitti(), pretrained=f"{folder}/resnet50.pth")
+    ours_loaded = loaded_parameter_ids(tiny, fake)
+    package_loaded = load_pretrained_backbone(tiny, pretrained_cfg.pretrained)
+assert ours_loaded == package_loaded
+ours_groups = parameter_groups(tiny, pretrained_cfg, ours_loaded)
+package_groups = param_groups(tiny, pretrained_cfg, package_loaded)
+assert len(ours_groups) == len(package_groups) == 2
+for ours, theirs in zip(ours_groups, package_groups):
     assert ours["lr"] == theirs["lr"] and list(map(id, ours["params"])) == list(
         map(id, theirs["params"])
     )
     print(f"group: {sum(p.numel() for p in ours['params']):>9,} parameters, lr {ours['lr']:.2e}")
+random_backbone = sum(
+    p.numel() for p in tiny.resnet_view().parameters() if id(p) not in ours_loaded
+)
+print(f"backbone parameters left random (stem, axial attention): {random_backbone:,}")
+assert len(parameter_groups(tiny, pretrained_cfg)) == 1  # nothing loaded: one group
 
 # %% [markdown]
 # ### What each memory knob trades
@@ -519,7 +618,7 @@ for ours, theirs in zip(parameter_groups(tiny, pretrained_cfg), param_groups(tin
 def saved_activation_mib(crop, clip_length, num_slots, checkpointing):
     torch.manual_seed(0)
     net = build_model("tiny", num_slots=num_slots, gradient_checkpointing=checkpointing)
-    loss_fn = TubeLoss(NUM_CLASSES, THING_CLASSES, num_slots=num_slots)
+    loss_fn = TubeLoss(net.cfg.num_classes, net.cfg.thing_classes, num_slots=num_slots)
     clip = KittiStepClips(cfg.data, "train", clip_length, crop_size=crop)[3]
     weights = {p.data_ptr() for p in net.parameters()}
     stored = {}
@@ -555,10 +654,10 @@ for name, mib in memory.items():
 # the same configuration: the same seed, data, crop and augmentation, on the CPU, with
 # `num_workers=0`. The package draws its batches with `ResumableSampler` through a `DataLoader`;
 # our loop draws the same keys (§2). The warm-up is 1 step, so the poly decay is used too. The
-# two runs must give identical losses at every step (the package logs them to `log.jsonl`) and
-# identical weights, with tolerance 0. We then load the
-# checkpoint the package wrote, `last.pt`, into a freshly built model with
-# `load_state_dict(strict=True)` and check that it gives the same outputs as our model.
+# two runs must give identical losses, loss terms and gradient norms at every step (the package
+# logs them to `log.jsonl`) and identical weights, with tolerance 0. We then load the checkpoint
+# the package wrote, `last.pt`, into a freshly built model with `load_state_dict(strict=True)`
+# and check that it gives the same outputs as our model.
 
 # %%
 from minivseg.evaluate import load_model
@@ -581,7 +680,7 @@ with tempfile.TemporaryDirectory() as out_dir:
         torch.testing.assert_close(value, theirs[name], rtol=0, atol=0, msg=name)
 
     checkpoint = torch.load(f"{out_dir}/last.pt", map_location="cpu", weights_only=True)
-    fresh = build_model("tiny")
+    fresh = build_model("tiny", aux_heads=our_model.cfg.aux_heads)  # as the loss options say
     fresh.load_state_dict(checkpoint["model"], strict=True)
     loaded, _ = load_model(f"{out_dir}/last.pt")
 with torch.no_grad():

@@ -113,7 +113,8 @@ def panoptic_inference(
     )
     # §3.4 (second argmax): ẑ_{t,h,w} = argmax_i m̂_{i,t,h,w} over detected tubes, with its
     # probability under the softmax over detected tubes (the pixel confidence).
-    pixel_confidence, slot = detected_logits.softmax(0).max(0)  # (T, H, W)
+    slot = detected_logits.argmax(0)  # (T, H, W), the same argmax as `semantic_inference`
+    pixel_confidence = detected_logits.softmax(0).amax(0)
     raw_argmax_is_detected = logits.amax(0) == detected_logits.amax(0)
     keep = (pixel_confidence > pixel_threshold) & raw_argmax_is_detected
     panoptic = _slot_panoptic(

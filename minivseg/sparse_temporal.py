@@ -283,7 +283,7 @@ class STTSegmenter(nn.Module):
 
         Each frame is encoded once and its features are cached. Frame f uses frames f-T ... f-1 as
         keys, with frame 0 repeated for those before the video starts (frame 0 attends to T copies
-        of itself); this equals `forward` on the window frames[max(f-T..f, 0)].
+        of itself); this equals `forward` on the window frames[max(f-T..f, 0)] up to float rounding.
         """
         was_training = self.training
         self.eval()

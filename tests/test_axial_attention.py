@@ -127,8 +127,8 @@ def test_width_axis_never_mixes_rows_and_is_global_along_rows():
     with torch.no_grad():
         a, b = layer(x), layer(y)
     changed = (a - b).abs().amax(dim=(0, 1))  # (H, W)
-    assert torch.all(changed[[0, 1, 3, 4]] == 0)
-    assert torch.all(changed[2] > 0)  # global: even the last column of that row changes
+    assert torch.all(changed[[0, 1, 3, 4]] < 1e-12)  # float64: rounding is ~1e-16
+    assert torch.all(changed[2] > 1e-6)  # global: even the last column of that row changes
 
 
 def test_height_axis_never_mixes_columns():
@@ -138,7 +138,7 @@ def test_height_axis_never_mixes_columns():
     y[:, :, 0, 3] -= 2.0
     with torch.no_grad():
         changed = (layer(x) - layer(y)).abs().amax(dim=(0, 1))
-    assert torch.all(changed[:, [0, 1, 2, 4]] == 0) and torch.all(changed[:, 3] > 0)
+    assert torch.all(changed[:, [0, 1, 2, 4]] < 1e-12) and torch.all(changed[:, 3] > 1e-6)
 
 
 @pytest.mark.parametrize("size", [(17, 33), (1, 5), (7, 3), (9, 27), (2, 200), (1, 300)])

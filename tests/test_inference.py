@@ -107,6 +107,35 @@ def naive_pixelwise(class_logits, mask_logits, out_size, class_ids, probs_first=
     return out
 
 
+def clear_pixels(class_logits, mask_logits, out_size, margin=1e-4):
+    """(T, H, W) True where the per-pixel rules cannot flip under float error (~1e-6).
+
+    Checked on the upsampled logits in float64: the raw top-2 gap (raw-argmax rule) and the
+    detected top-2 gap (the slot) exceed ``margin`` and the pixel confidence is more than
+    ``margin`` from 0.4, or the pixel is void by confidence whichever slot wins. The package and
+    the naive loop compute the softmax over detected tubes in different ways, so only such
+    pixels must agree exactly. The class confidences must be clear of 0.7 too.
+    """
+    confidence = class_logits.double().softmax(-1)[:, :-1].amax(-1)
+    assert ((confidence - 0.7).abs() > margin).all()
+    x = F.interpolate(
+        mask_logits.double().permute(1, 0, 2, 3), size=out_size, mode="bilinear", align_corners=True
+    )  # (T, N, H, W)
+    detected = x[:, confidence >= 0.7]
+    if detected.shape[1] == 0:  # nothing detected: every pixel is void
+        return torch.ones(x.shape[0], *out_size, dtype=torch.bool)
+
+    def top2_gap(logits):
+        if logits.shape[1] == 1:
+            return torch.full(logits[:, 0].shape, torch.inf, dtype=logits.dtype)
+        top2 = logits.topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+
+    p = detected.softmax(1).amax(1)
+    slot_is_clear = (top2_gap(detected) > margin) & (top2_gap(x) > margin)
+    return ((p - 0.4).abs() > margin) & ((p < 0.4) | slot_is_clear)
+
+
 def test_upsampling_logits_before_softmax():
     # Corners of a 2x2 map; the centre of the 3x3 upsampled map averages all four.
     classes = class_logits_for([(CAR, 0.9), (ROAD, 0.9)])
@@ -117,6 +146,7 @@ def test_upsampling_logits_before_softmax():
     # Logits first: centre logits (5, 0.75) -> the car. Probabilities first: mean car probability
     # (1 + 3 * 0.269) / 4 = 0.45 < road's 0.55 -> road.
     assert out[0, 1, 1].item() == 13001
+    assert clear_pixels(classes, masks, (3, 3)).all()  # hand-made: no near-ties anywhere
     torch.testing.assert_close(out, naive_pixelwise(classes, masks, (3, 3), CLASS_IDS))
     assert naive_pixelwise(classes, masks, (3, 3), CLASS_IDS, probs_first=True)[0, 1, 1] == 0
 
@@ -128,7 +158,10 @@ def test_matches_naive_reference_on_random_logits():
     classes[:4, [CAR, ROAD, PERSON, SKY]] += 8 * torch.eye(4)
     masks = torch.randn(N, T, 3, 4) * 3
     out = panoptic_inference(classes, masks, (5, 7), CLASS_IDS)
-    torch.testing.assert_close(out, naive_pixelwise(classes, masks, (5, 7), CLASS_IDS))
+    clear = clear_pixels(classes, masks, (5, 7))
+    assert clear.float().mean() > 0.9  # near-tie pixels are left out, not the whole clip
+    naive = naive_pixelwise(classes, masks, (5, 7), CLASS_IDS)
+    torch.testing.assert_close(out[clear], naive[clear])
     assert (out == VOID_ID).any() and (out != VOID_ID).any()
 
 
@@ -182,6 +215,20 @@ def naive_mask_wise(class_logits, mask_logits, class_ids, overlap=0.8):
     return out
 
 
+def assert_mask_wise_is_unambiguous(class_logits, mask_logits, margin=1e-4):
+    """The package (torch) and `naive_mask_wise` (numpy) compute the ranking scores in different
+    ways: no mask probability may sit within float error of 0.4, no class confidence of its
+    threshold (0.7 or 0.5), and no two ranking scores of each other."""
+    probs = mask_logits.double().softmax(0)
+    assert ((probs - 0.4).abs() > margin).all()
+    confidence = class_logits.double().softmax(-1)[:, :-1].amax(-1)
+    assert ((confidence - 0.7).abs() > margin).all() and ((confidence - 0.5).abs() > margin).all()
+    masks = (probs > 0.4).flatten(1)
+    mean_prob = (probs.flatten(1) * masks).sum(1) / masks.sum(1).clamp(min=1)
+    scores = (confidence * mean_prob).sort().values
+    assert (scores[1:] - scores[:-1]).min() > margin
+
+
 def test_mask_wise_ranking_and_overlap():
     # Two car tubes overlap on pixel 1 (both p = 0.45 there). Tube 1 has the higher
     # class confidence x mask score, so it is pasted first and wins the shared pixel.
@@ -194,6 +241,7 @@ def test_mask_wise_ranking_and_overlap():
         ]
     )
     masks = probs.log().reshape(3, 1, 1, 6)
+    assert_mask_wise_is_unambiguous(classes, masks)
     out = mask_wise_inference(classes, masks, (1, 6), CLASS_IDS)
     # Tube 0 keeps 1 of its 2 pixels: 1 > 0.8 * 2 is false, so it is dropped entirely.
     assert out.tolist() == [[[VOID_ID, 13002, 13002, 13002, 0, 0]]]
@@ -207,6 +255,7 @@ def test_mask_wise_ranking_and_overlap():
     probs[0] = torch.tensor([0.5, 0.45, 0.05, 0.05, 0.05, 0.05])
     probs[2, 0] = 0.45
     masks = probs.log().reshape(3, 1, 1, 6)
+    assert_mask_wise_is_unambiguous(classes, masks)
     out = mask_wise_inference(classes, masks, (1, 6), CLASS_IDS)
     assert out.tolist() == [[[0, 13002, 13002, 13002, 0, 0]]]
     np.testing.assert_array_equal(out.numpy(), naive_mask_wise(classes, masks, CLASS_IDS))
@@ -217,6 +266,7 @@ def test_mask_wise_matches_naive_on_random_logits():
     classes = torch.randn(8, K + 1) * 3
     classes[:5, [CAR, PERSON, ROAD, SKY, BUILDING]] += 7 * torch.eye(5)
     masks = torch.randn(8, 2, 4, 5) * 2
+    assert_mask_wise_is_unambiguous(classes, masks)
     out = mask_wise_inference(classes, masks, (4, 5), CLASS_IDS)
     np.testing.assert_array_equal(out.numpy(), naive_mask_wise(classes, masks, CLASS_IDS))
     assert len(out.unique()) > 2

@@ -172,6 +172,16 @@ def test_segmenter_trains_two_steps():
         assert not torch.equal(start[name], dict(model.named_parameters())[name]), name
 
 
+def clear_top2(logits: torch.Tensor, margin: float = 1e-4) -> torch.Tensor:
+    """(B, K, H, W) logits -> (B, H, W): True where the best class leads the runner-up by > margin.
+
+    Two computation paths (here batch-1 vs batched encoder) differ by ~1e-6; only pixels with a
+    clear top-2 gap must get the same argmax label on every CPU.
+    """
+    top2 = logits.topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1] > margin
+
+
 @pytest.mark.parametrize("use_stt", [True, False])
 def test_predict_video_with_cache_equals_forward_on_each_window(use_stt):
     torch.manual_seed(6)
@@ -185,13 +195,24 @@ def test_predict_video_with_cache_equals_forward_on_each_window(use_stt):
     assert labels.shape == (num_frames, 48, 64) and labels.dtype == torch.int64
     assert not model.training
     cached, decoded[:] = list(decoded), []
-    window_labels = []
+    window_logits = []
     with torch.no_grad():
         for f in range(num_frames):
             window = [max(i, 0) for i in range(f - T, f + 1)]
-            window_labels.append(model(video[window][None])["semantic_logits"].argmax(1)[0])
+            window_logits.append(model(video[window][None])["semantic_logits"][0])
         torch.testing.assert_close(torch.cat(cached), torch.cat(decoded))
-        assert torch.equal(labels, torch.stack(window_labels))
+        # predict_video's full-size logits: its decoder outputs upsampled as `decode` does (the
+        # same computation, so exactly its labels); the per-window forwards agree to a tolerance.
+        size = video.shape[-2:]
+        upsampled = torch.cat(
+            [F.interpolate(c, size, mode="bilinear", align_corners=False) for c in cached]
+        )
+        assert torch.equal(upsampled.argmax(1), labels)
+        window_logits = torch.stack(window_logits)  # (F, K, H, W)
+        torch.testing.assert_close(upsampled, window_logits)
+        clear = clear_top2(upsampled) & clear_top2(window_logits)
+        assert clear.float().mean() > 0.9  # near-ties excluded, not the whole video
+        assert torch.equal(labels[clear], window_logits.argmax(1)[clear])
         model(video[[1, 1, 2]][None])  # frame 2 with keys [1, 1] instead of [0, 1]
     keys_matter = not torch.allclose(decoded[-1], decoded[2])
     assert keys_matter == use_stt
