@@ -239,6 +239,8 @@ def parameter_groups(model, cfg, pretrained=frozenset()):
 
 def train(cfg, callback=None):
     device = torch.device(cfg.device)
+    if cfg.threads > 0:  # the CPU presets use one thread (see the package's TrainConfig.threads)
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)

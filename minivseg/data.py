@@ -263,7 +263,9 @@ def collate_clips(items: list[dict]) -> dict:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Seed numpy and random in each DataLoader worker from torch's per-worker seed."""
+    """One torch thread (torch's worker loop sets it too; the augmentation gains nothing from
+    more) and numpy / random seeded from torch's per-worker seed, in each DataLoader worker."""
+    torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -276,6 +276,8 @@ def main(argv=None) -> dict:
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"error: {args.checkpoint}: no such checkpoint")
     model, cfg = load_model(args.checkpoint, args.device)
+    if cfg.threads > 0:  # the thread count the model was trained with (see TrainConfig.threads)
+        torch.set_num_threads(cfg.threads)
     thresholds = {"class_threshold": args.class_threshold, "pixel_threshold": args.pixel_threshold}
     out = Path(args.out) if args.out else None
     if args.frames:

@@ -234,6 +234,8 @@ def main(cfg: TrainConfig) -> dict:
         device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if cfg.threads > 0:  # fewer threads than cores: none of them spins waiting for a busy core
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)

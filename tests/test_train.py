@@ -333,3 +333,16 @@ def test_cuda_forward_loss_backward_sync_once(tmp_path):
         torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, syncs
+
+
+def test_threads_flag_sets_the_training_threads(tmp_path):
+    """`--threads=N` fixes torch's thread count: the CPU presets use 1, so no OpenMP thread
+    spin-waits for a core that another job holds (5-40x slower steps on a loaded machine)."""
+    assert all(PRESETS[p]().threads == 1 for p in ("demo", "stt_demo", "vistr_demo"))
+    assert PRESETS["kitti"]().threads == 0  # a GPU machine: torch's default
+    torch.set_num_threads(2)
+    try:
+        train_module.main(small("demo", tmp_path, max_steps=1, threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)  # tests/conftest.py's setting
