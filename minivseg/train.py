@@ -162,12 +162,6 @@ def train_mode(model, freeze_batchnorm: bool) -> None:
                 module.eval()
 
 
-def batchnorm_buffers(model) -> list[torch.Tensor]:
-    """Running statistics of every BatchNorm (restored when a step is skipped)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return [b for m in norms for b in m.buffers()]
-
-
 def rng_state() -> dict:
     state = np.random.get_state()
     return {
@@ -305,7 +299,8 @@ def main(cfg: TrainConfig) -> dict:
         print(f"training {cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{len(dataset)} clips, device {device}, world {world}, out {out_dir}")  # fmt: skip
     train_mode(model, cfg.freeze_batchnorm)
-    bn_buffers = batchnorm_buffers(model)
+    bn_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  for b in m.buffers()]  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     start_time, start_step, last = time.time(), step, {}
     saved_step = step if step > 0 else None  # the step of the newest checkpoint on disk

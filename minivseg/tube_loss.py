@@ -5,8 +5,8 @@ TubeFormer-DeepLab §3.3 trains with the PQ-style loss of MaX-DeepLab (§3.2, Eq
 Dice term) lifted from masks to tubes: sim(y_i, ŷ_j) = p̂_j(c_i) × Dice(m_i, m̂_j) where m is a
 (T, h, w) tube, so every mask, Dice and cross-entropy below runs over the T·h·w pixels of a clip.
 Auxiliary terms: tube-ID cross-entropy, video semantic cross-entropy, video instance
-discrimination (or the pixel-wise contrastive loss of CMT-DeepLab Eq. (14)), deep supervision with
-the final matching, and the clip-to-clip temporal consistency loss (L1 on shared-frame logits).
+discrimination (or the pixel-wise contrastive loss of CMT-DeepLab Eq. (14)), optional deep
+supervision with the final matching, and the clip-to-clip temporal consistency loss.
 With the clustering memory update, the mask approximation loss (CMT-DeepLab Eq. (13)) pulls every
 layer's reference points towards the extremes and centre of the tube its slot is matched to.
 Numbers follow deeplab2 model/loss/max_deeplab_loss.py and base_loss.py.
@@ -16,7 +16,10 @@ Differences from deeplab2:
   stuff", TubeFormer §3.2); only thing tubes are Hungarian-matched, among the other slots;
 - matching is a rectangular scipy assignment over real tubes (deeplab2 pads with ±999: same result);
   thing tubes left over when they outnumber the thing slots get no Dice or tube-ID loss;
-- the loss runs per clip, then averages over the batch; no TPU padding to 128 thing ids.
+- the loss runs per clip, then averages over the batch; no TPU padding to 128 thing ids;
+- deep supervision is an option (off, as in deeplab2's MaX-DeepLab); instance discrimination is
+  computed once on the shared pixel embedding. Targets are built on the host, and the matchings
+  of a batch cost one device-to-host transfer.
 """
 
 from __future__ import annotations
@@ -103,9 +106,8 @@ def tubes_from_panoptic(
     key = torch.where(thing, panoptic, semantic * LABEL_DIVISOR)  # stuff ignores instance ids
     ids, inverse = torch.unique(key[in_tube], return_inverse=True)
     channel_of = torch.empty(num_classes, dtype=torch.long, device=panoptic.device)
-    channel_of[list(thing_stuff_class_ids(num_classes, thing_classes))] = torch.arange(
-        num_classes, device=panoptic.device
-    )
+    head_order = list(thing_stuff_class_ids(num_classes, thing_classes))
+    channel_of[head_order] = torch.arange(num_classes, device=panoptic.device)
     channels = channel_of[ids // LABEL_DIVISOR]
     channels, order = torch.sort(channels, stable=True)  # things first, stuff ascending
     rank = torch.empty_like(order)
@@ -113,13 +115,8 @@ def tubes_from_panoptic(
     tube_index = torch.full_like(panoptic, -1)
     tube_index[in_tube] = rank[inverse]
     masks = tube_index == torch.arange(len(ids), device=panoptic.device)[:, None, None, None]
-    return dict(
-        masks=masks.float(),  # (M, T, h, w)
-        channels=channels,
-        tube_index=tube_index,
-        valid=valid,
-        thing=thing & in_tube,
-    )
+    return dict(masks=masks.float(), channels=channels, tube_index=tube_index, valid=valid,
+                thing=thing & in_tube)  # fmt: skip
 
 
 def to_device(tensors: dict, device: torch.device) -> dict:
@@ -131,9 +128,7 @@ def to_device(tensors: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def matching_similarity(
-    class_logits: torch.Tensor, mask_logits: torch.Tensor, tubes: dict
-) -> dict[str, torch.Tensor]:
+def matching_similarity(class_logits, mask_logits, tubes: dict) -> dict[str, torch.Tensor]:
     """VPQ-style similarities of one clip's M GT tubes to its N slots (stop-grad), on the device.
 
     Returns ``dice`` (M, N), ``class_prob`` (M, N) and their product ``similarity`` (M, N),
@@ -149,10 +144,9 @@ def matching_similarity(
     return dict(dice=dice, class_prob=class_prob, similarity=dice * class_prob)
 
 
-def assign_slots(
-    similarity: np.ndarray, channels: np.ndarray, num_classes: int, num_stuff: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Hungarian assignment on the host: (M, N) similarity, (M,) tube channels -> slot, tube.
+def assign_slots(similarity: np.ndarray, channels: np.ndarray, num_classes: int, num_stuff: int):
+    """Hungarian assignment on the host: (M, N) similarity, (M,) tube channels -> slot, tube
+    index arrays (numpy).
 
     With num_stuff = S > 0 the stuff tube of channel c takes its reserved slot N - K + c and thing
     tubes are matched among slots 0..N-S-1; with S = 0 all tubes are matched among all slots.
@@ -169,9 +163,7 @@ def assign_slots(
     return slot[order], tube[order]
 
 
-def match_tubes(
-    class_logits: torch.Tensor, mask_logits: torch.Tensor, tubes: dict, num_stuff: int
-) -> dict[str, torch.Tensor]:
+def match_tubes(class_logits, mask_logits, tubes: dict, num_stuff: int) -> dict[str, torch.Tensor]:
     """Hungarian matching of one clip's GT tubes to slots by VPQ-style similarity (stop-grad).
 
     class_logits (N, K+1) in thing_stuff_class_ids order + void; mask_logits (N, T, h, w); tubes
@@ -196,9 +188,7 @@ def mean_nonzero(loss: torch.Tensor) -> torch.Tensor:
     return loss.sum() / (loss != 0).sum().clamp_min(1)
 
 
-def temporal_consistency_loss(
-    mask_logits_a: torch.Tensor, mask_logits_b: torch.Tensor, overlap: int
-) -> torch.Tensor:
+def temporal_consistency_loss(mask_logits_a, mask_logits_b, overlap: int) -> torch.Tensor:
     """L1 between the N tube logits two clips predict for their shared frames (TubeFormer §3.3).
 
     mask_logits_a, mask_logits_b (B, N, T, h, w): the last `overlap` frames of clip a are the
@@ -215,31 +205,21 @@ def temporal_consistency_loss(
 class TubeLoss(nn.Module):
     """TubeFormer training loss: `forward(outputs, batch) -> (total, terms)`."""
 
-    def __init__(
-        self,
-        num_classes: int = NUM_CLASSES,
-        thing_classes=THING_CLASSES,
-        num_slots: int = 128,
-        config: TubeLossConfig | None = None,
-    ):
+    def __init__(self, num_classes: int = NUM_CLASSES, thing_classes=THING_CLASSES,
+                 num_slots: int = 128, config: TubeLossConfig | None = None):  # fmt: skip
         super().__init__()
         self.config = config or TubeLossConfig()
         self.num_classes, self.thing_classes, self.num_slots = num_classes, thing_classes, num_slots
         self.thing_stuff_class_ids = thing_stuff_class_ids(num_classes, thing_classes)
         self.num_stuff = (num_classes - len(thing_classes)) if self.config.split_thing_stuff else 0
         if num_slots <= self.num_stuff:
-            raise ValueError(
-                f"{num_slots} slots leave none for things after {self.num_stuff} stuff"
-            )
+            raise ValueError(f"num_slots={num_slots} must exceed the {self.num_stuff} stuff slots")
         cfg = self.config
         self.weights = dict(
-            pq_class=cfg.pq_style_weight,
-            pq_dice=cfg.pq_style_weight,
-            tube_id=cfg.tube_id_weight,
-            instance_disc=cfg.instance_disc_weight,
-            semantic=cfg.semantic_weight,
+            pq_class=cfg.pq_style_weight, pq_dice=cfg.pq_style_weight, tube_id=cfg.tube_id_weight,
+            instance_disc=cfg.instance_disc_weight, semantic=cfg.semantic_weight,
             mask_approx=cfg.mask_approx_weight,
-        )
+        )  # fmt: skip
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """outputs: the model dict, class_logits (B, N, K+1), mask_logits (B, N, T, h, w),
