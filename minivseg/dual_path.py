@@ -173,11 +173,16 @@ class LatentDualPath(GlobalDualPath):
         )
 
 
+def batch_norm_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """The running statistics (and batch counters) of every BatchNorm inside ``module``."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [b for m in norms for b in m.buffers()]
+
+
 @contextlib.contextmanager
 def keep_batch_norm_stats(module: nn.Module):
     """Restore all BN running statistics on exit (a checkpointed recompute must not update them)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    buffers = [b for m in norms for b in m.buffers()]
+    buffers = batch_norm_buffers(module)
     saved = [b.clone() for b in buffers]
     try:
         yield

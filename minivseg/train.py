@@ -29,6 +29,7 @@ from torch import nn
 
 from minivseg.config import TrainConfig, apply_overrides, parse_args
 from minivseg.data import KittiStepClips, ResumableSampler, collate_clips, worker_init_fn
+from minivseg.dual_path import batch_norm_buffers
 from minivseg.panoptic import IGNORE_LABEL, LABEL_DIVISOR
 
 
@@ -53,12 +54,10 @@ def build_task(cfg: TrainConfig):
         memory_update = changed.get("memory_update", MODEL_PRESETS[cfg.model]().memory_update)
         loss_cfg = apply_overrides(default_loss_config(memory_update), cfg.loss_overrides, "loss.")
         model = build_model(cfg.model, aux_heads=loss_cfg.deep_supervision, **changed)
-        if model.cfg.clustering_assignment == "argmax" and memory_update == "clustering":
-            if not loss_cfg.deep_supervision:  # its assignment projections get no gradient
-                raise ValueError(
-                    "clustering_assignment=argmax learns its assignment only through deep "
-                    "supervision: keep --loss.deep_supervision"
-                )
+        argmax = memory_update == "clustering" and model.cfg.clustering_assignment == "argmax"
+        if argmax and not loss_cfg.deep_supervision:  # its assignment would get no gradient
+            raise ValueError("clustering_assignment=argmax learns its assignment only through "
+                             "deep supervision: keep --loss.deep_supervision")  # fmt: skip
         criterion = TubeLoss(model.cfg.num_classes, model.cfg.thing_classes,
                              num_slots=model.cfg.num_slots, config=loss_cfg)  # fmt: skip
         return model, criterion
@@ -299,14 +298,13 @@ def main(cfg: TrainConfig) -> dict:
         print(f"training {cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{len(dataset)} clips, device {device}, world {world}, out {out_dir}")  # fmt: skip
     train_mode(model, cfg.freeze_batchnorm)
-    bn_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                  for b in m.buffers()]  # fmt: skip
+    bn_buffers = batch_norm_buffers(model)  # restored when a step is skipped
     params = [p for p in model.parameters() if p.requires_grad]
     start_time, start_step, last = time.time(), step, {}
     saved_step = step if step > 0 else None  # the step of the newest checkpoint on disk
     while step < cfg.max_steps:
         optimizer.zero_grad(set_to_none=True)
-        bn_before = [b.clone() for b in bn_buffers]  # a skipped step leaves BN statistics alone
+        bn_before = [b.clone() for b in bn_buffers]
         loss_sum, terms_sum = 0.0, {}
         for _ in range(cfg.accumulate):
             batch = next(batches)  # labels stay on the host: the losses build their targets there

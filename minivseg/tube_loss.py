@@ -176,11 +176,13 @@ def match_tubes(class_logits, mask_logits, tubes: dict, num_stuff: int) -> dict[
         scores["similarity"].cpu().numpy(), tubes["channels"].cpu().numpy(),
         class_logits.shape[1] - 1, num_stuff,
     )  # fmt: skip
-    device = mask_logits.device
-    return dict(
-        slot=torch.as_tensor(slot, device=device), tube=torch.as_tensor(tube, device=device),
-        dice=scores["dice"], class_prob=scores["class_prob"],
-    )  # fmt: skip
+    return matched_pairs(slot, tube, scores, mask_logits.device)
+
+
+def matched_pairs(slot: np.ndarray, tube: np.ndarray, scores: dict, device) -> dict:
+    """The matching as `match_tubes` returns it: index pairs on ``device`` plus the similarities."""
+    index = to_device({"slot": torch.from_numpy(slot), "tube": torch.from_numpy(tube)}, device)
+    return dict(**index, dice=scores["dice"], class_prob=scores["class_prob"])
 
 
 def mean_nonzero(loss: torch.Tensor) -> torch.Tensor:
@@ -255,11 +257,7 @@ class TubeLoss(nn.Module):
                 similarity = flat[offset : offset + M * N].reshape(M, N)
                 offset += M * N
                 slot, tube = assign_slots(similarity, channels, self.num_classes, self.num_stuff)
-                index = to_device(
-                    {"slot": torch.from_numpy(slot), "tube": torch.from_numpy(tube)},
-                    tubes["channels"].device,
-                )
-                match = dict(**index, dice=score["dice"], class_prob=score["class_prob"])
+                match = matched_pairs(slot, tube, score, tubes["channels"].device)
                 for name, value in self._clip_terms(outputs, b, tubes, match).items():
                     per_pair[pair].setdefault(name, []).append(value)
         results = []

@@ -135,9 +135,8 @@ class TubeFormer(nn.Module):
         super().__init__()
         self.cfg = cfg
         K = cfg.num_classes
-        if not set(cfg.thing_classes) <= set(range(K)) or len(set(cfg.thing_classes)) != len(
-            cfg.thing_classes
-        ):
+        things = tuple(cfg.thing_classes)
+        if len(set(things)) != len(things) or not all(0 <= c < K for c in things):
             raise ValueError(
                 f"thing_classes={cfg.thing_classes} must be distinct class ids below "
                 f"num_classes={K}; set both, e.g. --model.num_classes=12 --model.thing_classes=11"
