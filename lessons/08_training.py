@@ -48,7 +48,7 @@ from minivseg.data import KittiStepClips, collate_clips
 from minivseg.evaluate import (
     evaluate_model,
     pad_frames,
-    predict_tubeformer,
+    predict_video,
     print_table,
     read_sequence,
 )
@@ -58,6 +58,8 @@ from minivseg.panoptic import (
     CLASS_NAMES,
     NUM_CLASSES,
     THING_CLASSES,
+    VIDEO_LABEL_DIVISOR,
+    relabel,
     thing_stuff_class_ids,
 )
 from minivseg.train import load_pretrained_backbone
@@ -463,11 +465,12 @@ sequence = watch_clip["sequence"]
 sequence_frames, video_gt = read_sequence(
     val.root, cfg.eval_split, sequence, val.sequences[sequence], labels=True
 )  # (F, 3, H, W) float, (F, H, W) ids
-video, _ = predict_tubeformer(model, sequence_frames.to(cfg.device), T)  # stitched (F, H, W)
+video, _ = predict_video(model, cfg, sequence_frames.to(cfg.device))  # stitched (F, H, W)
+video_gt = relabel(video_gt, 1000, VIDEO_LABEL_DIVISOR)  # videos use label divisor 65536
 frames_np = sequence_frames.permute(0, 2, 3, 1).byte().numpy()
 fig, axes = plt.subplots(3, 1, figsize=(9, 6.5))
 for ax, f in zip(axes, (0, len(video) // 2, len(video) - 1)):
-    ax.imshow(compare(frames_np[f], video_gt[f], video[f]))
+    ax.imshow(compare(frames_np[f], video_gt[f], video[f], label_divisor=VIDEO_LABEL_DIVISOR))
     ax.set_title(f"frame {f}: ground truth (left), prediction after {STEPS} steps (right)")
     ax.axis("off")
 plt.tight_layout()

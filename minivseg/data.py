@@ -72,13 +72,15 @@ def check_frame(image_path: Path, label_path: Path | None, num_classes: int = NU
     return np.bincount(semantic.ravel(), minlength=num_classes + 1)
 
 
-def index_split(root, split: str, labels: bool = True, num_classes: int = NUM_CLASSES):
+def index_split(root, split: str, labels: bool = True, num_classes: int = NUM_CLASSES,
+                decode: bool = True):  # fmt: skip
     """List and validate a split. Returns ``(sequences, class_counts)``.
 
     ``sequences`` maps a sequence name to its sorted frame names. Every image is decoded and every
     label checked (existence, readability, size, class ids); the first problem raises a
     ``ValueError`` that names the file. ``class_counts``: ``num_classes + 1`` pixel counts (last:
-    void).
+    void). ``decode=False`` only lists and checks that files exist (counts are None): evaluation
+    decodes each frame once, when it reads it.
     """
     root = Path(root)
     image_dir, label_dir = root / "images" / split, root / "panoptic_maps" / split
@@ -103,6 +105,8 @@ def index_split(root, split: str, labels: bool = True, num_classes: int = NUM_CL
             for label in sorted(seq_dir.glob("*.png")):
                 if label.stem not in set(sequences.get(seq_dir.name, ())):
                     raise ValueError(f"{label}: panoptic map without an image in {image_dir}")
+    if not decode:
+        return sequences, None
     with ThreadPoolExecutor(max_workers=4) as pool:
         counts = sum(pool.map(lambda job: check_frame(*job, num_classes), jobs))
     return sequences, counts

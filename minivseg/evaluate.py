@@ -1,51 +1,63 @@
-"""Whole-video evaluation and prediction export (TubeFormer §3.4, §4.2).
+"""Whole-video evaluation and prediction export, streamed frame by frame (TubeFormer §3.4, §4.2).
 
 ``python -m minivseg.evaluate --checkpoint CKPT --data ROOT --split val [--out DIR]`` slides a
 T-frame window with stride 1 over each sequence, turns each clip into panoptic tubes
 (`minivseg.inference`), links the clips into video tracks (`minivseg.stitching`) and scores the
-videos with STQ, VPQ and mIoU (`minivseg.metrics`). With ``--out`` it writes the predictions as
-KITTI-STEP PNGs, one overlay GIF per sequence, and ``metrics.json``. ``--frames DIR`` runs on a
-folder of frames without labels ("my own video"): predictions and overlays only.
+videos with STQ, VPQ, mIoU, flicker and video mask AP (`minivseg.metrics`, `minivseg.video_ap`).
+With ``--out`` it writes the predictions as KITTI-STEP PNGs, one overlay GIF per sequence, and
+``metrics.json``. ``--frames DIR`` runs on a folder of frames without labels ("my own video").
+
+Everything streams: frames are read (one thread ahead) as the windows need them, each window
+runs the model once, each clip is folded into the stitched video as it comes, and every frame
+is scored and written as soon as no later clip can change it. Memory does not grow with the
+length of a sequence. Predicted videos use ``VIDEO_LABEL_DIVISOR = 65536`` (track ids up to
+65535, the most a KITTI-STEP PNG holds); ground truth is read with 1000 and relabelled.
 
 Frames are padded (bottom/right, image mean) to the next 16k+1 size, as deeplab2 pads KITTI to
-385x1249, and the predictions are cropped back. VIS numbers (video mask AP) are computed on
-non-overlapping T-frame clips, the same way for every model.
+385x1249, and the predictions are cropped back. By default pixels below the confidence
+thresholds stay void, as deeplab2's MaX-DeepLab post-processor leaves them (``--fill-void``
+gives them the unthresholded semantic class instead). Video mask AP is scored on whole stitched
+sequences, per-pixel and per-mask for TubeFormer, and through its own stitching for VisTR.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import itertools
 import json
 import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from minivseg.config import TrainConfig
 from minivseg.data import IMAGE_PAD_VALUE, index_split, read_image
 from minivseg.panoptic import (
+    IGNORE_LABEL,
     LABEL_DIVISOR,
     NUM_CLASSES,
     THING_CLASSES,
+    VIDEO_LABEL_DIVISOR,
     VOID_ID,
     read_kitti_step_png,
-    semantic_of,
+    relabel,
     write_kitti_step_png,
 )
+from minivseg.stitching import VideoStitcher, sliding_clips
+
+VIDEO_VOID = IGNORE_LABEL * VIDEO_LABEL_DIVISOR  # void in predicted videos
+GIF_FRAMES, GIF_WIDTH = 200, 640  # an overlay GIF shows at most this many frames, this wide
 
 
 def padded_size(length: int, stride: int = 16) -> int:
     """Smallest ``k * stride + 1`` that is at least ``length``."""
     return math.ceil((length - 1) / stride) * stride + 1
-
-
-def clip_windows(num_frames: int, clip_length: int) -> list[list[int]]:
-    """Frame indices of the stride-1 windows; a video shorter than T repeats its first frame."""
-    if num_frames < clip_length:
-        return [[0] * (clip_length - num_frames) + list(range(num_frames))]
-    return [list(range(s, s + clip_length)) for s in range(num_frames - clip_length + 1)]
 
 
 def pad_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -55,89 +67,105 @@ def pad_frames(frames: torch.Tensor) -> torch.Tensor:
     return F.pad(frames, pad, value=IMAGE_PAD_VALUE)
 
 
+def prefetched(load, items, depth: int = 2):
+    """``load(item)`` for each item, computed ``depth`` items ahead in one background thread."""
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        queue = collections.deque(pool.submit(load, x) for x in itertools.islice(items, depth))
+        while queue:
+            result = queue.popleft().result()
+            queue.extend(pool.submit(load, x) for x in itertools.islice(items, 1))
+            yield result
+
+
+def frame_tensor(path, device="cpu") -> torch.Tensor:
+    """One image file as a ``(3, H, W)`` float tensor in [0, 255]."""
+    return torch.from_numpy(read_image(path).copy()).permute(2, 0, 1).float().to(device)
+
+
+def window_batch(clip_length: int, height: int, width: int) -> int:
+    """Windows per model call: 4 on small frames, down to 1 at KITTI size (bounded memory)."""
+    return max(1, min(4, (1 << 19) // (clip_length * padded_size(height) * padded_size(width))))
+
+
 @torch.no_grad()
-def predict_tubeformer(
-    model, frames, clip_length: int, batch_size=4, fill_void=True, thresholds=None, vis_tubes=None
-):
-    """Stitched video panoptic ``(F, H, W)`` and semantic ``(F, H, W)`` of one sequence.
+def tubeformer_frames(model, frames, num_frames, clip_length, thresholds=None, fill_void=False,
+                      masks=False, scores=None):  # fmt: skip
+    """Stream TubeFormer predictions: yields one dict per frame, in order, as frames are final.
 
-    ``vis_tubes``: an optional dict ``{mode: []}`` ("pixel" and/or "mask"); it is filled with
-    ``(start, tubes)`` for the non-overlapping clips (starts 0, T, 2T, ...) from the same model
-    outputs, for video mask AP (`thing_tubes`).
-
-    Each frame's semantic label comes from the newest clip that covers it, like its tube id.
-    With ``fill_void``, pixels the thresholds left void take the unthresholded semantic class
-    (instance 0). deeplab2's STQ scores a void prediction on a labelled pixel as an extra class
-    of IoU 0, while an instance-0 thing pixel can only add to AQ; VPQ may count it as a false
-    positive. ``--keep-void`` evaluates deeplab2's MaX-DeepLab output unchanged.
+    ``panoptic`` (H, W) video ids of per-pixel inference; ``semantic`` (H, W) class ids (no
+    thresholds, for mIoU); with ``masks``, ``mask`` (H, W) video ids of per-mask inference. A
+    frame's labels come from the newest clip that covers it, like its track id. ``scores``: a
+    dict that receives {mode: {track id: score}} once the stream is exhausted (video AP).
     """
-    from minivseg.inference import clip_inference
-    from minivseg.stitching import stitch_clips
+    from minivseg.inference import class_predictions, clip_inference
 
-    height, width = frames.shape[-2:]
-    padded = pad_frames(frames)
-    size, class_ids = tuple(padded.shape[-2:]), model.thing_stuff_class_ids
-    thing_classes = model.cfg.thing_classes
-    windows = clip_windows(len(frames), clip_length)
-    tube_options = {**(thresholds or {}), "thing_classes": thing_classes}
-    options = {"pixel": tube_options, "semantic": {}}
-    panoptic_clips, semantic_clips = [], []
-    for k in range(0, len(windows), batch_size):
-        outputs = model(torch.stack([padded[w] for w in windows[k : k + batch_size]]))
-        for mode, store in (("pixel", panoptic_clips), ("semantic", semantic_clips)):
-            store += [
-                c[..., :height, :width].cpu()
-                for c in clip_inference(outputs, size, class_ids, mode, **options[mode])
-            ]
-        for mode, found in (vis_tubes or {}).items():
-            clips = clip_inference(outputs, size, class_ids, mode, **tube_options)
-            for b, clip in enumerate(clips):
-                start = k + b
-                if len(frames) >= clip_length and start % clip_length == 0:
-                    confidence = outputs["class_logits"][b].float().softmax(-1)[:, :-1].amax(-1)
-                    tubes = thing_tubes(clip[:, :height, :width], confidence, thing_classes)
-                    found.append((start, tubes))
-    video = stitch_clips(panoptic_clips, stride=1, thing_classes=thing_classes)
-    if len(frames) < clip_length:
-        video, semantic = video[-len(frames) :], semantic_clips[0][-len(frames) :].numpy()
-    else:
-        last = len(windows) - 1
-        semantic = [semantic_clips[min(f, last)][f - min(f, last)] for f in range(len(frames))]
-        semantic = torch.stack(semantic).numpy()
-    if fill_void:  # a void prediction is always an error for STQ: give every pixel a class
-        video = np.where(video == VOID_ID, semantic * LABEL_DIVISOR, video)
-    return video, semantic
+    class_ids, thing_classes = model.thing_stuff_class_ids, tuple(model.cfg.thing_classes)
+    options = {**(thresholds or {}), "thing_classes": thing_classes}
+    modes = ("pixel", "mask") if masks else ("pixel",)
+    stitchers = {mode: VideoStitcher(clip_length, 1, thing_classes) for mode in modes}
+    semantic = {}  # frame -> class map of the newest clip covering it
+
+    def final(done):
+        for i, (t, pan) in enumerate(done["pixel"]):
+            sem = semantic.pop(t)
+            if t >= num_frames:
+                continue  # a repeated last frame (padding of a video shorter than T)
+            if fill_void:  # a void prediction is always an error for STQ: give it a class
+                pan = np.where(pan == VIDEO_VOID, sem * VIDEO_LABEL_DIVISOR, pan)
+            yield {"panoptic": pan, "semantic": sem} | (
+                {"mask": done["mask"][i][1]} if masks else {}
+            )
+
+    for starts, clips, _ in sliding_clips(frames, num_frames, clip_length):
+        height, width = clips.shape[-2:]
+        outputs = model(pad_frames(clips))  # one model pass per window, for every use below
+        size = (padded_size(height), padded_size(width))
+        found = {
+            m: clip_inference(outputs, size, class_ids, m, **(options if m != "semantic" else {}))
+            for m in (*modes, "semantic")
+        }
+        found = {m: clip[0][..., :height, :width].cpu() for m, clip in found.items()}
+        label, confidence = class_predictions(outputs["class_logits"][0])
+        slot_ids = torch.as_tensor(class_ids)[label.cpu()] * LABEL_DIVISOR + 1
+        slot_scores = dict(zip((slot_ids + torch.arange(len(label))).tolist(), confidence.tolist()))
+        semantic.update({starts[0] + t: frame for t, frame in enumerate(found["semantic"].numpy())})
+        yield from final({m: stitchers[m].add(found[m], slot_scores) for m in modes})
+    yield from final({m: stitchers[m].finish() for m in modes})
+    if scores is not None:
+        scores.update({mode: stitcher.scores() for mode, stitcher in stitchers.items()})
 
 
-def predict_video(model, cfg: TrainConfig, frames, fill_void: bool = True, thresholds=None):
-    """Panoptic ``(F, H, W)`` and semantic ``(F, H, W)`` predictions for any task's model.
+def predict_frames(model, cfg: TrainConfig, frames, num_frames, fill_void=False, thresholds=None,
+                   masks=False, scores=None):  # fmt: skip
+    """Stream any task's predictions: one dict per frame with ``panoptic`` (video ids) and
+    ``semantic``; TubeFormer adds ``mask`` with ``masks``. ``scores`` receives the track scores
+    ({mode: {track id: score}}, modes "pixel"/"mask" or "vistr") when the stream ends.
 
     ``thresholds``: TubeFormer's ``class_threshold`` / ``pixel_threshold`` (deeplab2: 0.7 / 0.4).
     """
     if cfg.task == "tubeformer":
-        return predict_tubeformer(model, frames, cfg.clip_length, fill_void=fill_void,
-                                  thresholds=thresholds)  # fmt: skip
-    if cfg.task == "stt":
-        semantic = model.predict_video(frames).cpu().numpy()
-        return semantic * LABEL_DIVISOR, semantic
-    from minivseg.vistr import predict_video as predict_vistr
+        yield from tubeformer_frames(model, frames, num_frames, cfg.clip_length, thresholds,
+                                     fill_void, masks, scores)  # fmt: skip
+    elif cfg.task == "stt":
+        for labels in model.predict_frames(frames):
+            labels = labels.cpu().numpy()
+            yield {"panoptic": labels * VIDEO_LABEL_DIVISOR, "semantic": labels}
+    else:
+        from minivseg.vistr import predict_frames as vistr_frames
 
-    panoptic = predict_vistr(model, frames)
-    return panoptic, semantic_of(panoptic)
+        found = {}
+        for panoptic in vistr_frames(model, frames, num_frames, scores=found):
+            yield {"panoptic": panoptic, "semantic": panoptic // VIDEO_LABEL_DIVISOR}
+        if scores is not None:
+            scores["vistr"] = found["vistr"]
 
 
-def thing_tubes(panoptic: torch.Tensor, confidence: torch.Tensor, thing_classes=THING_CLASSES):
-    """(mask (T,H,W), class, score) per thing tube of a clip; score = its slot's class confidence.
-
-    Clip inference names a thing tube ``slot + 1`` in both per-pixel and per-mask modes.
-    """
-    panoptic = panoptic.cpu().numpy()
-    tubes = []
-    for pan_id in np.unique(panoptic):
-        semantic, instance = divmod(int(pan_id), LABEL_DIVISOR)
-        if semantic in thing_classes and instance > 0:
-            tubes.append((panoptic == pan_id, semantic, float(confidence[instance - 1])))
-    return tubes
+def predict_video(model, cfg: TrainConfig, frames, fill_void=False, thresholds=None):
+    """Panoptic ``(F, H, W)`` video ids and semantic ``(F, H, W)`` of a whole ``(F, 3, H, W)``
+    video in memory (`predict_frames` for long videos)."""
+    results = list(predict_frames(model, cfg, frames, len(frames), fill_void, thresholds))
+    return tuple(np.stack([r[key] for r in results]) for key in ("panoptic", "semantic"))
 
 
 def task_classes(model) -> tuple[int, tuple[int, ...]]:
@@ -148,70 +176,116 @@ def task_classes(model) -> tuple[int, tuple[int, ...]]:
 
 
 def read_sequence(root: Path, split: str, sequence: str, names: list[str], labels: bool):
-    frames = np.stack([read_image(root / "images" / split / sequence / f"{n}.png") for n in names])
-    frames = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    """A whole short sequence in memory: frames ``(F, 3, H, W)`` and GT ``(F, H, W)`` or None."""
+    frames = torch.stack([frame_tensor(root / "images" / split / sequence / f"{n}.png")
+                          for n in names])  # fmt: skip
     if not labels:
         return frames, None
     label_dir = root / "panoptic_maps" / split / sequence
     return frames, np.stack([read_kitti_step_png(label_dir / f"{n}.png") for n in names])
 
 
+class PredictionWriter:
+    """Writes a sequence's predictions as they come: a KITTI-STEP PNG per frame (video ids) and
+    an overlay GIF of at most ``GIF_FRAMES`` frames evenly spaced, at most ``GIF_WIDTH`` wide."""
+
+    def __init__(self, out_dir, split, sequence, image_paths, gif=True):
+        self.png_dir = Path(out_dir) / "panoptic_maps" / split / sequence
+        self.gif_path = Path(out_dir) / "overlays" / f"{sequence}.gif" if gif else None
+        self.paths = list(image_paths)
+        picked = np.linspace(0, len(self.paths) - 1, min(GIF_FRAMES, len(self.paths)))
+        self.gif_frames, self.pictures = set(np.round(picked).astype(int).tolist()), []
+
+    def add(self, t: int, panoptic: np.ndarray) -> None:
+        write_kitti_step_png(self.png_dir / f"{self.paths[t].stem}.png", panoptic,
+                             VIDEO_LABEL_DIVISOR)  # fmt: skip
+        if self.gif_path is not None and t in self.gif_frames:
+            from PIL import Image
+
+            from minivseg.visualize import overlay
+
+            picture = overlay(
+                read_image(self.paths[t]), panoptic, label_divisor=VIDEO_LABEL_DIVISOR
+            )
+            height, width = picture.shape[:2]
+            if width > GIF_WIDTH:
+                size = (GIF_WIDTH, max(1, round(height * GIF_WIDTH / width)))
+                picture = np.asarray(Image.fromarray(picture).resize(size, Image.BILINEAR))
+            self.pictures.append(picture)
+
+    def close(self) -> None:
+        if self.gif_path is not None and self.pictures:
+            from minivseg.visualize import save_gif
+
+            save_gif(self.gif_path, self.pictures)
+
+
+def read_label(path):
+    return path, read_kitti_step_png(path)
+
+
 def evaluate_model(
     model, cfg: TrainConfig, root, split="val", device="cpu", out_dir=None, max_sequences=0,
-    labels=True, gifs=True, sequences=None, fill_void=True, thresholds=None,
+    labels=True, gifs=True, sequences=None, fill_void=False, thresholds=None,
 ) -> dict:  # fmt: skip
-    """Predict every sequence of a split, score it, optionally write PNGs and GIFs."""
-    from minivseg.metrics import STQ, VPQ, Flicker, MeanIoU, VideoAP
+    """Predict every sequence of a split, stream it into the metrics (and PNGs/GIFs) frame by
+    frame. Returns the metrics (empty without labels)."""
+    from minivseg.metrics import STQ, VPQ, Flicker, MeanIoU
+    from minivseg.video_ap import VideoAP
 
     root = Path(root)
     if sequences is None:
-        sequences, _ = index_split(root, split, labels=labels)
+        sequences, _ = index_split(root, split, labels=labels, decode=False)
     names = list(sequences)[: max_sequences or None]
     num_classes, thing_classes = task_classes(model)
-    stq, vpq = STQ(num_classes, thing_classes), VPQ(num_classes, thing_classes)
-    miou, flicker = MeanIoU(num_classes), Flicker()
-    video_ap = {
-        "tubeformer": {"pixel": VideoAP(), "mask": VideoAP()},
-        "vistr": {"vistr": VideoAP()},
-    }
-    video_ap = video_ap.get(cfg.task, {})
+    classes = (num_classes, thing_classes, VIDEO_LABEL_DIVISOR)
+    stq, vpq, miou, flicker = STQ(*classes), VPQ(*classes), MeanIoU(num_classes), Flicker()
+    modes = {"tubeformer": ("pixel", "mask"), "vistr": ("vistr",)}.get(cfg.task, ())
+    video_ap = {mode: VideoAP(*classes) for mode in modes} if labels else {}
     model.eval().to(device)
     for number, sequence in enumerate(names):
-        frames, gt = read_sequence(root, split, sequence, sequences[sequence], labels)
-        if gt is not None:  # classes the model does not know are void, as in training
-            gt = np.where(semantic_of(gt) < num_classes, gt, VOID_ID)
-        frames = frames.to(device)
-        if cfg.task == "tubeformer":
-            found = {mode: [] for mode in video_ap} if gt is not None else None
-            panoptic, semantic = predict_tubeformer(
-                model, frames, cfg.clip_length, fill_void=fill_void, thresholds=thresholds,
-                vis_tubes=found,
-            )  # fmt: skip
-            for mode, clips in (found or {}).items():
-                for start, tubes in clips:
-                    video_ap[mode].update(gt[start : start + cfg.clip_length], tubes)
-        else:
-            panoptic, semantic = predict_video(model, cfg, frames, fill_void, thresholds)
-        if gt is not None and cfg.task == "vistr":
-            from minivseg.vistr import predict_tubes
-
-            with torch.no_grad():
-                T = model.cfg.num_frames
-                for start in range(0, len(frames) - T + 1, T):
-                    outputs = model(frames[None, start : start + T])
-                    tubes = predict_tubes(outputs, frames.shape[-2:], model.cfg.thing_classes)[0]
-                    video_ap["vistr"].update(gt[start : start + T], tubes)
-        if gt is not None:
-            for t in range(len(gt)):
-                stq.update(gt[t], panoptic[t], sequence_id=sequence)
-                miou.update(semantic_of(gt[t]), semantic[t])
-            vpq.update(gt, panoptic)
-            flicker.update(semantic_of(gt), semantic)
-        if out_dir is not None:
-            write_predictions(
-                Path(out_dir), split, sequence, sequences[sequence], frames, panoptic, gifs
-            )
-        print(f"  [{number + 1}/{len(names)}] {sequence}: {len(frames)} frames", flush=True)
+        paths = [root / "images" / split / sequence / f"{n}.png" for n in sequences[sequence]]
+        frames = prefetched(lambda path: frame_tensor(path, device), paths)
+        gts = itertools.repeat((None, None))
+        if labels:
+            label_dir = root / "panoptic_maps" / split / sequence
+            gts = prefetched(read_label, [label_dir / f"{n}.png" for n in sequences[sequence]])
+        writer = PredictionWriter(out_dir, split, sequence, paths, gifs) if out_dir else None
+        scores, previous, start_time = {}, None, time.time()
+        vpq.start_video()
+        for metric in video_ap.values():
+            metric.start_video()
+        stream = predict_frames(model, cfg, frames, len(paths), fill_void, thresholds,
+                                masks="mask" in video_ap, scores=scores)  # fmt: skip
+        bar = tqdm(total=len(paths), desc=f"[{number + 1}/{len(names)}] {sequence}",
+                   unit="frame", disable=None, leave=False)  # fmt: skip
+        for t, (pred, (label_path, gt)) in enumerate(zip(stream, gts)):
+            if gt is not None:
+                if gt.shape != pred["panoptic"].shape:
+                    raise ValueError(f"{label_path}: label size {gt.shape} differs from image"
+                                     f" size {pred['panoptic'].shape} of {paths[t]}")  # fmt: skip
+                gt = np.where(gt // LABEL_DIVISOR < num_classes, gt, VOID_ID)  # unknown: void
+                gt = relabel(gt, LABEL_DIVISOR, VIDEO_LABEL_DIVISOR)
+                semantic = gt // VIDEO_LABEL_DIVISOR
+                stq.update(gt, pred["panoptic"], sequence_id=sequence)
+                vpq.update_frame(gt, pred["panoptic"])
+                miou.update(semantic, pred["semantic"])
+                if previous is not None:  # flicker counts consecutive pairs of frames
+                    flicker.update(*map(np.stack, zip(previous, (semantic, pred["semantic"]))))
+                previous = (semantic, pred["semantic"])
+                for mode, metric in video_ap.items():
+                    metric.update_frame(gt, pred["mask" if mode == "mask" else "panoptic"])
+            if writer is not None:
+                writer.add(t, pred["panoptic"])
+            bar.update()
+        bar.close()
+        for mode, metric in video_ap.items():
+            metric.end_video(scores[mode])
+        if writer is not None:
+            writer.close()
+        seconds = time.time() - start_time
+        print(f"  [{number + 1}/{len(names)}] {sequence}: {len(paths)} frames in {seconds:.1f} s"
+              f" ({len(paths) / max(seconds, 1e-9):.2f} frames/s)", flush=True)  # fmt: skip
     if not labels:
         return {}
     results = {"mIoU": miou.result()["mIoU"], "flicker": flicker.result()["flicker"]}
@@ -223,17 +297,34 @@ def evaluate_model(
     return {k: float(v) for k, v in results.items() if np.isscalar(v)}
 
 
-def write_predictions(out_dir: Path, split, sequence, names, frames, panoptic, gifs=True):
-    from minivseg.visualize import overlay, save_gif
+def predict_folder(model, cfg: TrainConfig, folder: Path, out: Path, device, thresholds=None):
+    """``--frames DIR``: predictions and an overlay GIF for a folder of frames without labels."""
+    from PIL import Image
 
-    for name, pan in zip(names, panoptic):
-        write_kitti_step_png(out_dir / "panoptic_maps" / split / sequence / f"{name}.png", pan)
-    if gifs:
-        images = frames.permute(0, 2, 3, 1).clamp(0, 255).byte().cpu().numpy()
-        save_gif(
-            out_dir / "overlays" / f"{sequence}.gif",
-            [overlay(i, p) for i, p in zip(images, panoptic)],
-        )
+    paths = sorted(folder.glob("*.png")) or sorted(folder.glob("*.jpg"))
+    if not paths:
+        raise SystemExit(f"error: {folder}: no .png or .jpg frames")
+    sizes = {}
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes.setdefault(image.size, path)
+        except OSError as error:
+            raise SystemExit(f"error: {path}: cannot read image: {error}") from None
+    if len(sizes) > 1:
+        (a, first), (b, other) = list(sizes.items())[:2]
+        raise SystemExit(f"error: frames of several sizes: {first} is {a[0]}x{a[1]}, "
+                         f"{other} is {b[0]}x{b[1]}")  # fmt: skip
+    ((width, height),) = sizes
+    print(f"predicting {len(paths)} frames of {folder} ({width}x{height}) with the {cfg.task}"
+          f" model on {device}; writing PNGs and an overlay GIF to {out}", flush=True)  # fmt: skip
+    frames = prefetched(lambda path: frame_tensor(path, device), paths)
+    writer = PredictionWriter(out, "frames", folder.name, paths)
+    stream = predict_frames(model, cfg, frames, len(paths), thresholds=thresholds)
+    for t, pred in enumerate(tqdm(stream, total=len(paths), unit="frame", disable=None)):
+        writer.add(t, pred["panoptic"])
+    writer.close()
+    print(f"predictions and overlay GIF for {len(paths)} frames in {out}")
 
 
 def load_model(checkpoint_path, device="cpu"):
@@ -267,9 +358,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--class-threshold", type=float, default=0.7, help="deeplab2: 0.7")
     parser.add_argument("--pixel-threshold", type=float, default=0.4, help="deeplab2: 0.4")
     parser.add_argument(
-        "--keep-void",
+        "--fill-void",
         action="store_true",
-        help="keep pixels below the confidence thresholds void (deeplab2 MaX output)",
+        help="give pixels below the confidence thresholds their unthresholded semantic class"
+        " (default: keep them void, as deeplab2's MaX-DeepLab post-processor does)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -280,36 +372,26 @@ def main(argv=None) -> dict:
         torch.set_num_threads(cfg.threads)
     thresholds = {"class_threshold": args.class_threshold, "pixel_threshold": args.pixel_threshold}
     out = Path(args.out) if args.out else None
-    if args.frames:
-        folder = Path(args.frames)
-        paths = sorted(folder.glob("*.png")) or sorted(folder.glob("*.jpg"))
-        if not paths:
-            raise SystemExit(f"error: {folder}: no .png or .jpg frames")
-        try:
-            frames = torch.stack(
-                [torch.from_numpy(read_image(p)).permute(2, 0, 1).float() for p in paths]
-            )
-        except (ValueError, RuntimeError) as error:  # unreadable file, or frames of several sizes
-            raise SystemExit(f"error: {error}") from None
-        out = out or Path("outputs") / folder.name
-        panoptic, _ = predict_video(model, cfg, frames.to(args.device), thresholds=thresholds)
-        write_predictions(out, "frames", folder.name, [p.stem for p in paths], frames, panoptic)
-        print(f"predictions and overlay GIF for {len(paths)} frames in {out}")
-        return {}
-    if not args.data:
-        raise SystemExit("error: give --data ROOT (labelled split) or --frames DIR")
     try:
+        if args.frames:
+            folder = Path(args.frames)
+            predict_folder(model, cfg, folder, out or Path("outputs") / folder.name, args.device,
+                           thresholds)  # fmt: skip
+            return {}
+        if not args.data:
+            raise SystemExit("error: give --data ROOT (labelled split) or --frames DIR")
         has_labels = (Path(args.data) / "panoptic_maps" / args.split).is_dir()
         metrics = evaluate_model(model, cfg, args.data, args.split, args.device, out,
                                  args.max_sequences, labels=has_labels,
-                                 fill_void=not args.keep_void, thresholds=thresholds)  # fmt: skip
+                                 fill_void=args.fill_void, thresholds=thresholds)  # fmt: skip
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if metrics:
         print_table(metrics)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        stored = {k: None if math.isnan(v) else v for k, v in metrics.items()}  # NaN: null
+        (out / "metrics.json").write_text(json.dumps(stored, indent=2))
         print(f"predictions, overlays and metrics.json in {out}")
     return metrics
 

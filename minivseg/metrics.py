@@ -1,4 +1,4 @@
-"""Video segmentation metrics: STQ, VPQ, mIoU, flicker rate and video mask AP.
+"""Video segmentation metrics: STQ, VPQ, mIoU and flicker rate.
 
 Every panoptic metric here is computed from one sufficient statistic, the joint histogram of
 (ground-truth id, predicted id) pixel pairs of a frame (`PairCounter`); no frame is kept.
@@ -19,8 +19,8 @@ Every panoptic metric here is computed from one sufficient statistic, the joint 
   summed per class over all windows; ``VPQ`` = mean over window sizes of 100·PQ.
 - **mIoU** from a confusion matrix (STT §4.1.2); **flicker rate**, the share of pixels whose
   predicted class changes while the GT class does not (a flow-free stand-in for the TC of STT
-  §4.1.2); **video mask AP/AR** in the YouTube-VIS style of VisTR §4 (tube IoU, COCO 101-point AP
-  over IoU 0.50:0.05:0.95).
+  §4.1.2).
+- Video mask AP/AR on whole videos with the YouTube-VIS rules is in `minivseg.video_ap`.
 
 Deliberate differences:
 - counts are exact int64; deeplab2's numpy STQ under NumPy >= 2 accumulates areas in float32,
@@ -53,8 +53,8 @@ from minivseg.panoptic import (
     LABEL_DIVISOR,
     NUM_CLASSES,
     THING_CLASSES,
+    VIDEO_LABEL_DIVISOR,
     read_kitti_step_png,
-    semantic_of,
 )
 
 
@@ -428,102 +428,6 @@ def flicker_rate(gt_semantic_video, pred_semantic_video, ignore_label=IGNORE_LAB
     return flicker.result()["flicker"]
 
 
-class VideoAP:
-    """YouTube-VIS-style video mask AP/AR: COCO matching and 101-point AP with tube IoU.
-
-    Tube IoU is ``Σ_t |p∩g| / Σ_t |p∪g|``. GT tubes are the thing tracks of a panoptic video
-    (category = semantic class); crowd pixels form no tube and void pixels are ordinary pixels.
-    Detections are greedily matched per video and class in score order to the unmatched GT of
-    highest IoU (ties go to the later GT, as in COCO), at each IoU threshold.
-    """
-
-    def __init__(
-        self,
-        num_classes=NUM_CLASSES,
-        thing_classes=THING_CLASSES,
-        label_divisor=LABEL_DIVISOR,
-        max_detections=100,
-    ):
-        self.num_classes, self.label_divisor = num_classes, label_divisor
-        self.thing_classes, self.max_detections = tuple(thing_classes), max_detections
-        self.iou_thresholds = np.linspace(0.5, 0.95, 10)
-        self.recall_points = np.linspace(0.0, 1.0, 101)
-        self.num_gt = np.zeros(num_classes, dtype=np.int64)
-        self._detections = []  # (class, score, rank in its video and class, matched per threshold)
-
-    def _gt_tubes(self, gt_video: np.ndarray):
-        ids = np.flatnonzero(np.bincount(gt_video.ravel()))
-        semantic = ids // self.label_divisor
-        ids = ids[np.isin(semantic, self.thing_classes) & (ids % self.label_divisor > 0)]
-        table = np.full(gt_video.max() + 1, -1, dtype=np.intp)
-        table[ids] = np.arange(len(ids))
-        return table[gt_video], ids // self.label_divisor  # (T, H, W) tube index, (M,) class
-
-    def update(self, gt_video: np.ndarray, predictions) -> None:
-        """Add one video: ``gt_video (T, H, W)`` panoptic ids and a list of predicted tubes
-        ``(mask (T, H, W) bool, class id, score)``."""
-        gt_video, predictions = np.asarray(gt_video), list(predictions)
-        bad = [pred[1] for pred in predictions if not 0 <= pred[1] < self.num_classes]
-        if bad:
-            raise ValueError(f"predicted class ids {bad} outside 0..{self.num_classes - 1}")
-        tube_index, tube_class = self._gt_tubes(gt_video)
-        tube_area = np.bincount(tube_index[tube_index >= 0], minlength=len(tube_class))
-        self.num_gt += np.bincount(tube_class, minlength=self.num_classes)
-        for class_id in range(self.num_classes):
-            preds = [pred for pred in predictions if pred[1] == class_id]
-            order = np.argsort([-pred[2] for pred in preds], kind="stable")
-            preds = [preds[i] for i in order[: self.max_detections]]
-            gts = np.flatnonzero(tube_class == class_id)
-            matched_gt = np.zeros((len(self.iou_thresholds), len(gts)), bool)
-            for rank, (mask, _, score) in enumerate(preds):
-                mask = np.asarray(mask, dtype=bool)
-                if mask.shape != gt_video.shape:
-                    raise ValueError(f"mask shape {mask.shape} != video shape {gt_video.shape}")
-                inside = tube_index[mask]
-                hits = np.bincount(inside[inside >= 0], minlength=len(tube_class))[gts]
-                iou = hits / (mask.sum() + tube_area[gts] - hits)  # tube IoU
-                matched = np.zeros(len(self.iou_thresholds), bool)
-                for t, threshold in enumerate(self.iou_thresholds):
-                    free = ~matched_gt[t] & (iou >= threshold)
-                    if free.any():
-                        best = np.flatnonzero(free & (iou == iou[free].max()))[-1]
-                        matched_gt[t, best], matched[t] = True, True
-                self._detections.append((class_id, float(score), rank, matched))
-
-    def _precision_recall(self, class_id: int, max_detections: int):
-        """``(thresholds, 101)`` interpolated precision and ``(thresholds,)`` final recall."""
-        dets = [d for d in self._detections if d[0] == class_id and d[2] < max_detections]
-        order = np.argsort([-d[1] for d in dets], kind="stable")
-        num_thresholds = len(self.iou_thresholds)
-        matched = np.array([dets[i][3] for i in order], dtype=bool).reshape(-1, num_thresholds).T
-        true_pos = np.cumsum(matched, axis=1)
-        recall = true_pos / self.num_gt[class_id]
-        precision = true_pos / np.arange(1, matched.shape[1] + 1)
-        precision = np.flip(np.maximum.accumulate(np.flip(precision, 1), axis=1), 1)
-        interpolated = np.zeros((len(self.iou_thresholds), len(self.recall_points)))
-        for t in range(len(self.iou_thresholds)):
-            index = np.searchsorted(recall[t], self.recall_points, side="left")
-            valid = index < matched.shape[1]
-            interpolated[t, valid] = precision[t, index[valid]]
-        final_recall = recall[:, -1] if matched.shape[1] else np.zeros(len(self.iou_thresholds))
-        return interpolated, final_recall
-
-    def result(self) -> dict:
-        """``AP`` (IoU 0.50:0.95), ``AP50``, ``AP75``, ``AR1``, ``AR10``, over classes with GT."""
-        classes = np.flatnonzero(self.num_gt)
-        if not classes.size:
-            return dict.fromkeys(("AP", "AP50", "AP75", "AR1", "AR10"), math.nan)
-        precision = np.stack([self._precision_recall(c, self.max_detections)[0] for c in classes])
-        recall = {m: [self._precision_recall(c, m)[1] for c in classes] for m in (1, 10)}
-        return {
-            "AP": float(precision.mean()),
-            "AP50": float(precision[:, 0].mean()),  # IoU thresholds 0.50, 0.55, ..., 0.95
-            "AP75": float(precision[:, 5].mean()),
-            "AR1": float(np.mean(recall[1])),
-            "AR10": float(np.mean(recall[10])),
-        }
-
-
 # ---- command line: python -m minivseg.metrics --gt DIR --pred DIR [--split val] [--json OUT] ----
 
 
@@ -554,19 +458,24 @@ def _list_frames(gt_root: Path, pred_root: Path):
 
 
 def evaluate_folders(gt_dir, pred_dir, split="val") -> dict:
-    """STQ, VPQ and mIoU of KITTI-STEP panoptic PNGs (``DIR/SEQ/FRAME.png`` or a dataset root)."""
+    """STQ, VPQ and mIoU of KITTI-STEP panoptic PNGs (``DIR/SEQ/FRAME.png`` or a dataset root).
+
+    Predicted instance ids may be up to 65535 (stitched videos); ids are read with divisor 65536.
+    """
     gt_root = _sequence_root(Path(gt_dir), split)
     frames = _list_frames(gt_root, _sequence_root(Path(pred_dir), split))
-    stq, vpq = STQ(NUM_CLASSES, THING_CLASSES), VPQ(NUM_CLASSES, THING_CLASSES)
+    divisor = VIDEO_LABEL_DIVISOR
+    stq, vpq = STQ(NUM_CLASSES, THING_CLASSES, divisor), VPQ(NUM_CLASSES, THING_CLASSES, divisor)
     miou = MeanIoU(NUM_CLASSES)
     for sequence, pairs in frames.items():
         vpq.start_video()
         for gt_path, pred_path in pairs:
-            gt, pred = read_kitti_step_png(gt_path), read_kitti_step_png(pred_path)
+            gt = read_kitti_step_png(gt_path, divisor)
+            pred = read_kitti_step_png(pred_path, divisor)
             try:
                 stq.update(gt, pred, sequence)
                 vpq.update_frame(gt, pred)
-                miou.update(semantic_of(gt), semantic_of(pred))
+                miou.update(gt // divisor, pred // divisor)
             except ValueError as error:
                 raise ValueError(f"{pred_path} (ground truth {gt_path}): {error}") from error
     stq_result, vpq_result = stq.result(), vpq.result()

@@ -9,6 +9,9 @@ KITTI-STEP): ``panoptic = semantic * LABEL_DIVISOR + instance``.
 - a thing pixel with instance 0 is **crowd**: semantically labelled, but in no tube.
 
 KITTI-STEP stores each frame as an RGB PNG with ``R = semantic`` and ``G * 256 + B = instance``.
+Ground truth and clips use ``LABEL_DIVISOR = 1000``. Stitched videos use
+``VIDEO_LABEL_DIVISOR = 65536``: a long sequence can need more than 999 track ids per class, and a
+PNG holds instance ids up to 65535. Every function here takes a ``label_divisor``.
 Differences from deeplab2: none in the encoding; deeplab2 converts to TFRecords, we read PNGs.
 """
 
@@ -23,6 +26,7 @@ from PIL import Image
 LABEL_DIVISOR = 1000
 IGNORE_LABEL = 255
 VOID_ID = IGNORE_LABEL * LABEL_DIVISOR  # panoptic id of a void pixel
+VIDEO_LABEL_DIVISOR = 1 << 16  # stitched videos: track ids 1..65535, the most a PNG holds
 
 # The 19 KITTI-STEP classes (Cityscapes train ids) and their Cityscapes colours.
 CLASS_NAMES = (
@@ -55,14 +59,20 @@ def thing_stuff_class_ids(
     return tuple(thing_classes) + stuff
 
 
-def semantic_of(panoptic: np.ndarray) -> np.ndarray:
+def semantic_of(panoptic: np.ndarray, label_divisor: int = LABEL_DIVISOR) -> np.ndarray:
     """Class id of every pixel (255 for void)."""
-    return panoptic // LABEL_DIVISOR
+    return panoptic // label_divisor
 
 
-def instance_of(panoptic: np.ndarray) -> np.ndarray:
+def instance_of(panoptic: np.ndarray, label_divisor: int = LABEL_DIVISOR) -> np.ndarray:
     """Instance (track) id of every pixel; 0 for stuff, void and crowd."""
-    return panoptic % LABEL_DIVISOR
+    return panoptic % label_divisor
+
+
+def relabel(panoptic: np.ndarray, label_divisor: int, new_divisor: int) -> np.ndarray:
+    """The same ids written with another label divisor (instances must fit under both)."""
+    semantic, instance = np.divmod(np.asarray(panoptic, dtype=np.int64), label_divisor)
+    return semantic * new_divisor + instance
 
 
 def is_crowd(panoptic: np.ndarray, thing_classes=THING_CLASSES) -> np.ndarray:
@@ -70,8 +80,8 @@ def is_crowd(panoptic: np.ndarray, thing_classes=THING_CLASSES) -> np.ndarray:
     return np.isin(semantic_of(panoptic), thing_classes) & (instance_of(panoptic) == 0)
 
 
-def read_kitti_step_png(path) -> np.ndarray:
-    """Read a KITTI-STEP panoptic PNG into ``(H, W)`` int64 ids ``semantic*1000 + instance``.
+def read_kitti_step_png(path, label_divisor: int = LABEL_DIVISOR) -> np.ndarray:
+    """Read a KITTI-STEP panoptic PNG into ``(H, W)`` int64 ids ``semantic*divisor + instance``.
 
     Raises ``ValueError`` naming the file when it is unreadable or not a 3-channel 8-bit PNG,
     or when an instance id does not fit under the label divisor.
@@ -86,19 +96,24 @@ def read_kitti_step_png(path) -> np.ndarray:
         raise ValueError(f"{path}: cannot read KITTI-STEP panoptic map: {error}") from error
     semantic = rgb[..., 0]
     instance = rgb[..., 1] * 256 + rgb[..., 2]
-    if instance.max(initial=0) >= LABEL_DIVISOR:
-        raise ValueError(f"{path}: instance id {instance.max()} >= label divisor {LABEL_DIVISOR}")
-    return semantic * LABEL_DIVISOR + instance
+    if instance.max(initial=0) >= label_divisor:
+        raise ValueError(
+            f"{path}: instance id {instance.max()} >= label divisor {label_divisor} (stitched"
+            f" predictions hold track ids up to 65535: read them with label_divisor=65536)"
+        )
+    return semantic * label_divisor + instance
 
 
-def write_kitti_step_png(path, panoptic: np.ndarray) -> None:
+def write_kitti_step_png(path, panoptic: np.ndarray, label_divisor: int = LABEL_DIVISOR) -> None:
     """Write ``(H, W)`` panoptic ids as a KITTI-STEP PNG (R = semantic, G*256+B = instance)."""
     panoptic = np.asarray(panoptic, dtype=np.int64)
     if panoptic.ndim != 2:
         raise ValueError(f"{path}: panoptic map must be 2-D, got shape {panoptic.shape}")
-    semantic, instance = semantic_of(panoptic), instance_of(panoptic)
+    semantic, instance = np.divmod(panoptic, label_divisor)
     if semantic.min(initial=0) < 0 or semantic.max(initial=0) > 255:
         raise ValueError(f"{path}: semantic ids must lie in 0..255")
+    if instance.max(initial=0) > 65535:
+        raise ValueError(f"{path}: instance id {instance.max()} does not fit in G*256+B (<= 65535)")
     rgb = np.stack([semantic, instance // 256, instance % 256], axis=-1).astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb, mode="RGB").save(path)
@@ -116,7 +131,9 @@ def track_color(semantic: int, instance: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.clip(base + jitter, 0, 255))
 
 
-def colorize(panoptic: np.ndarray, thing_classes=THING_CLASSES) -> np.ndarray:
+def colorize(
+    panoptic: np.ndarray, thing_classes=THING_CLASSES, label_divisor: int = LABEL_DIVISOR
+) -> np.ndarray:
     """``(..., H, W)`` panoptic ids -> ``(..., H, W, 3)`` uint8 colours.
 
     Stuff and crowd get their class colour, void is black, and every thing track gets its own
@@ -126,7 +143,7 @@ def colorize(panoptic: np.ndarray, thing_classes=THING_CLASSES) -> np.ndarray:
     ids, inverse = np.unique(panoptic, return_inverse=True)
     palette = np.zeros((len(ids), 3), dtype=np.uint8)
     for k, pan_id in enumerate(ids):
-        semantic, instance = int(pan_id // LABEL_DIVISOR), int(pan_id % LABEL_DIVISOR)
+        semantic, instance = divmod(int(pan_id), label_divisor)
         if semantic >= NUM_CLASSES:
             palette[k] = VOID_COLOR
         elif semantic in thing_classes and instance > 0:

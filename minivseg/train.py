@@ -1,12 +1,11 @@
 """Training loop: ``python -m minivseg.train --preset NAME [--field=value ...]``.
 
-Presets: demo, kitti, stt_demo, vistr_demo (`minivseg.config`).
-
-Reads top to bottom: setup → data → model and loss → optimizer and schedule → resume → loop with
-logging, checkpoints and evaluation. Multi-GPU is ``torchrun --nproc_per_node=K -m minivseg.train``
-(DistributedDataParallel, sync BN on CUDA). Everything lives in ``main(cfg)`` so tests can run two
-steps. Resuming (``--resume``) restores model, optimizer, schedule, step and RNG states; the data
-order is a pure function of (seed, step), so a resumed run sees exactly the batches it would have.
+Presets are in `minivseg.config`. Reads top to bottom: setup → data → model and loss → optimizer
+and schedule → resume → loop with logging, checkpoints and evaluation. Multi-GPU is ``torchrun
+--nproc_per_node=K -m minivseg.train`` (DistributedDataParallel, sync BN on CUDA). Everything lives
+in ``main(cfg)`` so tests can run two steps. Resuming (``--resume``) restores model, optimizer,
+schedule, step and RNG states; the data order is a pure function of (seed, step), so a resumed run
+sees exactly the batches it would have.
 """
 
 from __future__ import annotations
@@ -117,9 +116,11 @@ def compute_loss(model, criterion, batch, cfg: TrainConfig):
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then poly decay to 0 at ``max_steps``."""
+    """Linear warm-up, then poly decay to 0 at ``max_steps`` (or ×0.1 from ``lr_drop_step``)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.lr_drop_step > 0:  # step decay, as VisTR's StepLR
+        return 0.1 if step >= cfg.lr_drop_step else 1.0
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return max(0.0, 1.0 - progress) ** cfg.poly_power
 
@@ -375,10 +376,14 @@ def main(cfg: TrainConfig) -> dict:
         if cfg.eval_every and step % cfg.eval_every == 0 and is_main:
             from minivseg.evaluate import evaluate_model
 
-            metrics = evaluate_model(model, cfg, cfg.data, cfg.eval_split, device=device,
-                                     max_sequences=cfg.eval_sequences)  # fmt: skip
+            try:  # a failed evaluation is logged; it does not end the training run
+                row = {"eval": evaluate_model(model, cfg, cfg.data, cfg.eval_split, device=device,
+                                              max_sequences=cfg.eval_sequences)}  # fmt: skip
+            except Exception as error:  # noqa: BLE001
+                print(f"warning: evaluation at step {step} failed: {error!r}", file=sys.stderr)
+                row = {"eval_error": repr(error)}
             with log_path.open("a") as log:
-                log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+                log.write(json.dumps({"step": step, **row}) + "\n")
             train_mode(model, cfg.freeze_batchnorm)
     if is_main and sys.stderr.isatty():
         print(file=sys.stderr)

@@ -49,7 +49,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from minivseg.panoptic import LABEL_DIVISOR, THING_CLASSES, VOID_ID
-from minivseg.stitching import stitch_clips
+from minivseg.stitching import VideoStitcher, sliding_clips
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # ImageNet statistics on the 0..255 scale
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -558,14 +558,17 @@ class VisTRLoss(nn.Module):
 
 @torch.no_grad()
 def predict_tubes(
-    outputs: dict, out_size, class_ids=THING_CLASSES, mask_threshold=0.5, frame_score_floor=1e-3
-) -> list[list[tuple[np.ndarray, int, float]]]:
-    """Official inference rules (§4.1): per clip, a list of (mask (T, H, W) bool, class id, score).
+    outputs: dict, out_size, class_ids=THING_CLASSES, mask_threshold=0.5, frame_score_floor=1e-3,
+    valid=None,
+) -> list[list[tuple[np.ndarray, int, float]]]:  # fmt: skip
+    """Official inference rules (§4.1): per clip, a list of (mask (T', H, W) bool, class id, score).
 
     Per frame the score is the max class probability (no-object dropped) and the class its
     argmax; the tube score is the mean over frames, the class the majority vote (ties to the
     lowest index); masks are upsampled bilinearly to ``out_size`` (H, W) and thresholded at
-    sigmoid > 0.5. No score threshold; tubes are sorted by score, highest first.
+    sigmoid > 0.5. No score threshold; tubes are sorted by score, highest first. ``valid``: per
+    clip, the number T' ≤ T of real frames; the frames after them (padding that repeats the last
+    frame) are cut before the score mean and the vote, as the official code does.
     """
     T = outputs["num_frames"]
     probs = outputs["pred_logits"].float().softmax(-1)[..., :-1]
@@ -577,13 +580,14 @@ def predict_tubes(
     masks = masks & (frame_scores >= frame_score_floor)[..., None, None]
     results = []
     for b in range(len(masks)):
-        tubes = []
+        tubes, real = [], T if valid is None else valid[b]
         for i in range(masks.shape[1]):
-            if not masks[b, i].any():
+            if not masks[b, i, :real].any():
                 continue
-            votes = torch.bincount(frame_classes[b, i], minlength=len(class_ids))
-            score = float(frame_scores[b, i].mean())
-            tubes.append((masks[b, i].cpu().numpy(), int(class_ids[int(votes.argmax())]), score))
+            votes = torch.bincount(frame_classes[b, i, :real], minlength=len(class_ids))
+            score = float(frame_scores[b, i, :real].mean())
+            mask = masks[b, i, :real].cpu().numpy()
+            tubes.append((mask, int(class_ids[int(votes.argmax())]), score))
         results.append(sorted(tubes, key=lambda tube: -tube[2]))
     return results
 
@@ -592,27 +596,39 @@ def tubes_to_panoptic(tubes, num_frames: int, height: int, width: int) -> np.nda
     """Paste tubes in score order into a (T, H, W) panoptic clip: id = class·1000 + rank + 1.
 
     A higher-scoring tube keeps the pixels it shares with a lower one; unclaimed pixels are void.
+    A tube cut to its clip's real frames T' < T covers the first T' frames.
     """
     panoptic = np.full((num_frames, height, width), VOID_ID, dtype=np.int64)
     for rank, (mask, class_id, _) in enumerate(sorted(tubes, key=lambda tube: -tube[2])):
-        panoptic[mask & (panoptic == VOID_ID)] = class_id * LABEL_DIVISOR + rank + 1
+        part = panoptic[: len(mask)]
+        part[mask & (part == VOID_ID)] = class_id * LABEL_DIVISOR + rank + 1
     return panoptic
 
 
 @torch.no_grad()
-def predict_video(model: VisTR, frames: torch.Tensor, stride: int = 1, batch_size: int = 4):
-    """Long video (F, 3, H, W) in [0, 255] -> (F, H, W) panoptic with video-long track ids.
+def predict_frames(model: VisTR, frames, num_frames: int, stride: int = 1, batch_size: int = 4,
+                   scores: dict | None = None):  # fmt: skip
+    """Stream a video: ``frames`` (any iterable of (3, H, W) in [0, 255]) -> one (H, W) frame of
+    video ids (``VIDEO_LABEL_DIVISOR``) at a time, with video-long track ids.
 
-    Clips of T frames start every ``stride`` frames (the end is padded by repeating the last
-    frame); each clip's tubes are pasted by `tubes_to_panoptic` and linked by `stitch_clips`.
+    Clips of T frames start every ``stride`` frames (the end padded by repeating the last frame,
+    cut again before scoring); each clip's tubes are pasted by `tubes_to_panoptic` and linked by
+    `VideoStitcher`. ``scores`` receives {"vistr": {track id: score}} at the end (video AP).
     """
-    length, T = len(frames), model.cfg.num_frames
-    last = max(math.ceil((length - T) / stride), 0) * stride  # start of the last clip
-    index = torch.arange(last + T).clamp(max=length - 1)
-    clips = [frames[index[s : s + T]] for s in range(0, last + 1, stride)]
-    panoptics = []
-    for k in range(0, len(clips), batch_size):
-        outputs = model(torch.stack(clips[k : k + batch_size]))
-        for tubes in predict_tubes(outputs, frames.shape[-2:], model.cfg.thing_classes):
-            panoptics.append(tubes_to_panoptic(tubes, T, *frames.shape[-2:]))
-    return stitch_clips(panoptics, stride, model.cfg.thing_classes)[:length]
+    T, thing_classes = model.cfg.num_frames, model.cfg.thing_classes
+    stitcher = VideoStitcher(T, stride, thing_classes)
+    real = lambda done: (frame for t, frame in done if t < num_frames)  # noqa: E731
+    for _, clips, valid in sliding_clips(frames, num_frames, T, stride, batch_size):
+        size = clips.shape[-2:]
+        for tubes in predict_tubes(model(clips), size, thing_classes, valid=valid):
+            ranked = sorted(tubes, key=lambda tube: -tube[2])  # as `tubes_to_panoptic` names them
+            ids = {c * LABEL_DIVISOR + rank + 1: score for rank, (_, c, score) in enumerate(ranked)}
+            yield from real(stitcher.add(tubes_to_panoptic(tubes, T, *size), ids))
+    yield from real(stitcher.finish())
+    if scores is not None:
+        scores["vistr"] = stitcher.scores()
+
+
+def predict_video(model: VisTR, frames: torch.Tensor, stride: int = 1, batch_size: int = 4):
+    """Whole video (F, 3, H, W) in [0, 255] in memory -> (F, H, W) video ids (`predict_frames`)."""
+    return np.stack(list(predict_frames(model, frames, len(frames), stride, batch_size)))

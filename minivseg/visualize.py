@@ -29,13 +29,17 @@ def edge_mask(panoptic: np.ndarray) -> np.ndarray:
     return edge
 
 
-def overlay(frame, panoptic, alpha: float = 0.5, boundaries: bool = True) -> np.ndarray:
+def overlay(
+    frame, panoptic, alpha: float = 0.5, boundaries: bool = True, label_divisor=LABEL_DIVISOR
+) -> np.ndarray:
     """Blend ``colorize(panoptic)`` over ``frame (H, W, 3)`` uint8; returns ``(H, W, 3)`` uint8.
 
-    ``alpha`` is the weight of the label colours; ``boundaries`` draws segment edges in white.
+    ``alpha`` is the weight of the label colours; ``boundaries`` draws segment edges in white;
+    ``label_divisor``: 65536 (``VIDEO_LABEL_DIVISOR``) for stitched videos.
     """
     frame, panoptic = np.asarray(frame), np.asarray(panoptic)
-    blend = (1 - alpha) * frame.astype(np.float32) + alpha * colorize(panoptic)
+    colors = colorize(panoptic, label_divisor=label_divisor)
+    blend = (1 - alpha) * frame.astype(np.float32) + alpha * colors
     out = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
     if boundaries:
         out[edge_mask(panoptic)] = WHITE
@@ -54,9 +58,10 @@ def _tile(images, gap: int, vertical: bool) -> np.ndarray:
     return np.concatenate(pieces, axis=axis)
 
 
-def compare(frame, gt, pred, alpha: float = 0.5, gap: int = 4) -> np.ndarray:
+def compare(frame, gt, pred, alpha=0.5, gap=4, label_divisor=LABEL_DIVISOR) -> np.ndarray:
     """Ground truth (left) and prediction (right) overlaid on one frame: ``(H, 2W + gap, 3)``."""
-    return _tile([overlay(frame, gt, alpha), overlay(frame, pred, alpha)], gap, vertical=False)
+    pictures = [overlay(frame, x, alpha, label_divisor=label_divisor) for x in (gt, pred)]
+    return _tile(pictures, gap, vertical=False)
 
 
 def strip(frames, panoptic, alpha: float = 0.5, gap: int = 4, vertical: bool = False):

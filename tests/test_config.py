@@ -35,7 +35,7 @@ def test_bad_flags_raise_clear_errors(argv, message):
 
 
 def test_presets():
-    assert set(PRESETS) == {"demo", "kitti", "stt_demo", "vistr_demo"}
+    assert {"demo", "kitti", "stt_demo", "vistr_demo", "vistr_official"} <= set(PRESETS)
     kitti = PRESETS["kitti"]()
     assert kitti.crop_size == (385, 1249) and kitti.batch_size * kitti.accumulate == 16
     assert kitti.model == "kitti" and kitti.clip_length == 2

@@ -1,6 +1,6 @@
 """Tests for minivseg.metrics: deeplab2's STQ vectors, hand-computed toy videos for every STQ and
-VPQ rule, naive references (tests/benchmarks/bench_metrics.py) on random videos, mIoU, flicker,
-video AP and the command line."""
+VPQ rule, naive references (tests/benchmarks/bench_metrics.py) on random videos, mIoU, flicker
+and the command line (video AP: tests/test_video_ap.py)."""
 
 import importlib.util
 import json
@@ -12,7 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minivseg.metrics import STQ, VPQ, Flicker, MeanIoU, PairCounter, VideoAP, flicker_rate, main
+from minivseg.metrics import (
+    STQ,
+    VPQ,
+    Flicker,
+    MeanIoU,
+    PairCounter,
+    evaluate_folders,
+    flicker_rate,
+    main,
+)
 from minivseg.panoptic import write_kitti_step_png
 
 _spec = importlib.util.spec_from_file_location(
@@ -378,7 +387,7 @@ def test_vpq_streaming_frames_equals_whole_video():
     assert streamed.result() == whole.result()
 
 
-# ---------------------------------------------------------------- mIoU, flicker, video AP
+# ---------------------------------------------------------------- mIoU, flicker
 
 
 def test_mean_iou_hand_computed():
@@ -403,34 +412,6 @@ def test_flicker_rate_counts_prediction_changes_where_gt_is_stable():
     flicker.update(gt, pred)
     flicker.update(gt, gt)
     assert flicker.result() == {"flicker": 3 / 10, "stable_pixels": 10, "flickering_pixels": 3}
-
-
-def test_video_ap_perfect_wrong_class_and_two_predictions():
-    gt = np.full((2, 1, 8), ROAD)
-    gt[:, 0, :4] = CAR + 1  # one car tube of 8 pixels (4 per frame)
-    gt[1, 0, 6:] = PERSON  # person crowd: no tube
-    car = gt == CAR + 1
-    perfect = VideoAP()  # KITTI-STEP classes by default
-    perfect.update(gt, [(car, 13, 0.9)])
-    assert perfect.result() == {"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "AR1": 1.0, "AR10": 1.0}
-    wrong = VideoAP(**KITTI)
-    wrong.update(gt, [(car, 11, 0.9)])
-    assert wrong.result() == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AR1": 0.0, "AR10": 0.0}
-    # A (score 0.9) covers 5 of the 8 car pixels: IoU 0.625; B (score 0.8) is exact.
-    partial = car.copy()
-    partial[1, 0, 1:4] = False
-    metric = VideoAP(**KITTI)
-    metric.update(gt, [(car, 13, 0.8), (partial, 13, 0.9)])
-    result = metric.result()
-    # IoU >= t for t in {0.5, 0.55, 0.6}: A is TP, B a duplicate -> AP 1.
-    # t >= 0.65: A is FP, B TP -> precision 1/2 at every recall -> AP 0.5.
-    assert result["AP"] == pytest.approx((3 * 1.0 + 7 * 0.5) / 10)
-    assert result["AP50"] == pytest.approx(1.0)
-    assert result["AP75"] == pytest.approx(0.5)
-    assert result["AR1"] == pytest.approx(0.3)  # the top detection alone: recall 1 at 3 of 10 t
-    assert result["AR10"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="class ids \\[19\\]"):
-        metric.update(gt, [(car, 19, 0.5)])
 
 
 # ---------------------------------------------------------------- command line
@@ -462,6 +443,16 @@ def test_cli_evaluates_folders_and_writes_json(tmp_path, capsys):
     assert result["per_sequence"]["0002"]["num_frames"] == 4
     assert result["per_window"]["4"]["PQ"] == 100.0
     assert result["IoU_per_class"][1] is None  # NaN (class absent) is written as null
+
+
+def test_cli_accepts_stitched_track_ids_above_999(tmp_path):
+    gt_root = tmp_path / "gt"
+    _write_sequence(gt_root, "0000", _toy_frames())
+    frames = [np.where(f == CAR + 1, 13 * 65536 + 1500, f // 1000 * 65536) for f in _toy_frames()]
+    for t, frame in enumerate(frames):  # a stitched video: divisor 65536, car track 1500
+        write_kitti_step_png(tmp_path / "pred" / "0000" / f"{t:06d}.png", frame, 65536)
+    result = evaluate_folders(gt_root, tmp_path / "pred")
+    assert result["STQ"] == result["AQ"] == 1.0 and result["VPQ"] == 100.0
 
 
 def test_cli_names_the_offending_prediction_file(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Stitching: tracks recovered from clips with permuted ids, Hungarian links, new ids, stuff."""
+"""Stitching: tracks recovered from clips with permuted ids, Hungarian links, new ids, stuff,
+streaming, unbounded track ids and track scores."""
 
 import itertools
 
@@ -6,9 +7,23 @@ import numpy as np
 import pytest
 import torch
 
-from minivseg.metrics import STQ
-from minivseg.panoptic import NUM_CLASSES, THING_CLASSES, VOID_ID
-from minivseg.stitching import match_tubes, stitch_clips, tube_ids, tube_iou
+from minivseg.metrics import STQ, VPQ
+from minivseg.panoptic import (
+    NUM_CLASSES,
+    THING_CLASSES,
+    VIDEO_LABEL_DIVISOR,
+    VOID_ID,
+    read_kitti_step_png,
+    relabel,
+    write_kitti_step_png,
+)
+from minivseg.stitching import VideoStitcher, match_tubes, stitch_clips, tube_ids, tube_iou
+
+
+def stitch(clips, stride=1, **options):
+    """`stitch_clips` writing the video with divisor 1000, so ids read like the clips' ids."""
+    return stitch_clips(clips, stride, video_label_divisor=1000, **options)
+
 
 # (class, track id, first frame, last frame, row, start column, column speed)
 TRACKS = [
@@ -65,7 +80,7 @@ def test_recovers_tracks_from_permuted_clips(clip_length, stride):
     rng = np.random.default_rng(clip_length * 10 + stride)
     video = make_video(6 * stride + clip_length)
     clips = permuted_clips(video, clip_length, stride, rng)
-    out = stitch_clips(clips, stride=stride)
+    out = stitch(clips, stride=stride)
     assert out.shape == video.shape and out.dtype == np.int64
     assert_same_tracks(video, out)
     # The ids come from a per-class counter: 1, 2, ... in order of first appearance.
@@ -74,7 +89,7 @@ def test_recovers_tracks_from_permuted_clips(clip_length, stride):
 
 def test_single_frame_clips_link_nothing():
     video = make_video(4)
-    out = stitch_clips(list(video[:, None]), stride=1)  # T = 1: no overlap
+    out = stitch(list(video[:, None]), stride=1)  # T = 1: no overlap
     cars = [sorted({v for v in tube_ids(frame).tolist() if v // 1000 == 13}) for frame in out]
     assert cars == [[13001, 13002], [13003, 13004], [13005, 13006], [13007, 13008]]
     tube = np.isin(video // 1000, (11, 13)) & (video % 1000 > 0)
@@ -84,7 +99,7 @@ def test_single_frame_clips_link_nothing():
 def test_no_overlap_links_nothing_and_ids_are_never_reused():
     clip = np.zeros((2, 1, 4), dtype=np.int64)
     clip[:, 0, :2] = 13001  # the same car, labelled 1 in every clip
-    out = stitch_clips([clip, clip, clip], stride=2)
+    out = stitch([clip, clip, clip], stride=2)
     assert out[:, 0, 0].tolist() == [13001, 13001, 13002, 13002, 13003, 13003]
 
 
@@ -95,7 +110,7 @@ def test_new_track_after_an_old_one_ends_gets_a_fresh_id():
     frames[0:2, 0, 0:2] = 1  # X
     frames[3:5, 0, 4:6] = 2  # Y
     clips = [np.where(frames[s : s + 2] > 0, 13001, 0) for s in range(4)]
-    out = stitch_clips(clips, stride=1)
+    out = stitch(clips, stride=1)
     assert out[:, 0, 0].tolist() == [13001, 13001, 0, 0, 0]
     assert out[:, 0, 5].tolist() == [0, 0, 0, 13002, 13002]
 
@@ -113,7 +128,7 @@ def test_hungarian_maximises_total_iou():
     first = np.concatenate([shown, shown])
     second = np.concatenate([clip, clip])
     # Clip 0 names A 13001 and B 13002, so y takes 13001 and x 13002.
-    assert stitch_clips([first, second], stride=1)[2].tolist() == [[13001, 13002, 13002, 13002]]
+    assert stitch([first, second], stride=1)[2].tolist() == [[13001, 13002, 13002, 13002]]
 
 
 def test_matching_is_same_class_and_respects_min_iou():
@@ -149,31 +164,34 @@ def test_matching_equals_brute_force_on_random_maps():
 
 def test_newest_clip_wins_on_shared_frames_and_stuff_passes_through():
     clips = [np.full((3, 2, 2), stuff * 1000) for stuff in (0, 1, 2, 8)]  # stride 1
-    out = stitch_clips(clips, stride=1)
+    out = stitch(clips, stride=1)
     assert out[:, 0, 0].tolist() == [0, 1000, 2000, 8000, 8000, 8000]
 
 
 def test_torch_input_equals_numpy_input():
     rng = np.random.default_rng(5)
     clips = permuted_clips(make_video(7), 3, 2, rng)
-    expected = stitch_clips(clips, stride=2)
-    np.testing.assert_array_equal(stitch_clips([torch.from_numpy(c) for c in clips], 2), expected)
+    expected = stitch(clips, stride=2)
+    np.testing.assert_array_equal(stitch([torch.from_numpy(c) for c in clips], 2), expected)
 
 
-def test_track_id_overflow_raises():
+def test_track_id_overflow_raises_only_past_the_video_divisor():
     clips = [np.full((1, 1, 1), 11)] * 10  # class 1, instance 1; T = 1, so a new track per frame
-    assert stitch_clips(clips[:9], thing_classes=(1,), label_divisor=10).max() == 19
-    with pytest.raises(ValueError, match="label_divisor=10"):
-        stitch_clips(clips, thing_classes=(1,), label_divisor=10)
+    small = dict(thing_classes=(1,), label_divisor=10)
+    assert stitch_clips(clips[:9], **small, video_label_divisor=10).max() == 19
+    with pytest.raises(ValueError, match="video_label_divisor=10 holds ids up to 9"):
+        stitch_clips(clips, **small, video_label_divisor=10)
+    # The default video divisor (65536) holds far more tracks than the clips' divisor.
+    assert stitch_clips(clips * 200, **small).max() == VIDEO_LABEL_DIVISOR + 2000
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="at least one clip"):
-        stitch_clips([])
+        stitch([])
     with pytest.raises(ValueError, match="stride"):
-        stitch_clips([np.zeros((2, 1, 1))] * 2, stride=3)
+        stitch([np.zeros((2, 1, 1))] * 2, stride=3)
     with pytest.raises(ValueError, match="one shape"):
-        stitch_clips([np.zeros((2, 1, 1)), np.zeros((2, 1, 2))])
+        stitch([np.zeros((2, 1, 1)), np.zeros((2, 1, 2))])
 
 
 def test_stitched_video_has_perfect_association_quality():
@@ -187,8 +205,76 @@ def test_stitched_video_has_perfect_association_quality():
             stq.update(gt_frame, pred_frame, sequence_id=0)
         return stq.result()
 
-    result = score(stitch_clips(clips, stride=1))
+    result = score(stitch(clips, stride=1))
     assert result["AQ"] == pytest.approx(1.0) and result["SQ"] == pytest.approx(1.0)
     # Without stitching (each frame keeps the ids of its newest clip) the tracks break up.
     unstitched = np.concatenate([clip[:1] for clip in clips] + [clips[-1][1:]])
     assert score(unstitched)["AQ"] < 0.5
+
+
+def test_streaming_hands_out_each_frame_once_it_is_final():
+    rng = np.random.default_rng(3)
+    video = make_video(9)
+    for clip_length, stride in ((3, 1), (3, 2), (2, 2)):
+        clips = permuted_clips(video, clip_length, stride, rng)
+        stitcher = VideoStitcher(clip_length, stride, video_label_divisor=1000)
+        frames = []
+        for i, clip in enumerate(clips):
+            out = stitcher.add(clip)
+            assert [t for t, _ in out] == list(range(i * stride, (i + 1) * stride))
+            assert len(stitcher._pending) <= clip_length  # memory: at most one clip of frames
+            frames += [frame for _, frame in out]
+        frames += [frame for _, frame in stitcher.finish()]
+        np.testing.assert_array_equal(np.stack(frames), stitch(clips, stride))
+
+
+def test_ids_go_only_to_tubes_that_are_shown():
+    # T = 2, stride 1: a person seen only in the last frame of clips 0 and 1 is replaced by the
+    # next clip there and never shown; in the final clip it is shown and gets the first id.
+    clips = [np.zeros((2, 1, 3), dtype=np.int64) for _ in range(3)]
+    for clip in clips:
+        clip[1, 0, 2] = 11005
+    out = stitch(clips)
+    assert out[:, 0, 2].tolist() == [0, 0, 0, 11001]
+
+
+def test_track_scores_average_the_frames_that_show_the_track():
+    clip = np.full((2, 1, 2), 13001)
+    stitcher = VideoStitcher(2, 1)
+    stitcher.add(clip, scores={13001: 0.8})
+    stitcher.add(clip, scores={13001: 0.4})  # shows frames 1 and 2
+    stitcher.finish()
+    assert stitcher.scores() == {13 * VIDEO_LABEL_DIVISOR + 1: pytest.approx((0.8 + 0.4 + 0.4) / 3)}
+    with pytest.raises(ValueError, match=r"no score for tube ids \[13001\]"):
+        VideoStitcher(2, 1).add(clip, scores={13002: 0.5})
+
+
+def test_a_flickering_tube_over_2000_frames_stitches_scores_and_is_written(tmp_path):
+    # The car is detected in every other clip only (its confidence flickers around the
+    # threshold), so every detection starts a new track: 1000 tracks in 2000 frames. A person
+    # seen only in each clip's last frame is shown once, at the very end.
+    num_frames, car, person = 2000, 13001, 11002
+    clips = []
+    for start in range(num_frames - 1):
+        clip = np.zeros((2, 1, 6), dtype=np.int64)
+        clip[:, 0, :2] = car if start % 2 == 0 else VOID_ID
+        clip[1, 0, 4] = person
+        clips.append(clip)
+    video = stitch_clips(clips)
+    semantic, track = np.divmod(video, VIDEO_LABEL_DIVISOR)
+    assert sorted(set(track[semantic == 13].tolist())) == list(range(1, 1001))
+    assert set(track[semantic == 11].tolist()) == {1}  # only the person that is shown has an id
+    gt = np.zeros((num_frames, 1, 6), dtype=np.int64)
+    gt[:, 0, :2] = car
+    gt = relabel(gt, 1000, VIDEO_LABEL_DIVISOR)
+    stq = STQ(NUM_CLASSES, THING_CLASSES, label_divisor=VIDEO_LABEL_DIVISOR)
+    vpq = VPQ(NUM_CLASSES, THING_CLASSES, label_divisor=VIDEO_LABEL_DIVISOR)
+    for gt_frame, frame in zip(gt, video):
+        stq.update(gt_frame, frame)
+        vpq.update_frame(gt_frame, frame)
+    assert 0 < stq.result()["AQ"] < 0.01 and 0 < vpq.result()["VPQ_thing"] < 100
+    write_kitti_step_png(tmp_path / "last.png", video[-1], VIDEO_LABEL_DIVISOR)
+    read = read_kitti_step_png(tmp_path / "last.png", VIDEO_LABEL_DIVISOR)
+    np.testing.assert_array_equal(read, video[-1])
+    with pytest.raises(ValueError, match="label_divisor=65536"):
+        read_kitti_step_png(tmp_path / "last.png")  # track 1000 does not fit under 1000

@@ -346,3 +346,30 @@ def test_threads_flag_sets_the_training_threads(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(1)  # tests/conftest.py's setting
+
+
+def test_a_failed_evaluation_is_logged_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    from minivseg import evaluate
+
+    def broken(*args, **kwargs):
+        raise ValueError("class 13 needs track id 65536")
+
+    monkeypatch.setattr(evaluate, "evaluate_model", broken)
+    result = train_module.main(small("demo", tmp_path, max_steps=2, eval_every=1))
+    assert result["step"] == 2 and (tmp_path / "last.pt").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "eval_error" in row] == [1, 2]
+    assert "evaluation at step 1 failed" in capsys.readouterr().err
+
+
+def test_vistr_official_recipe_and_step_decay(tmp_path):
+    cfg = PRESETS["vistr_official"]()
+    assert (cfg.task, cfg.optimizer, cfg.lr, cfg.weight_decay) == ("vistr", "adamw", 1e-4, 1e-4)
+    assert (cfg.backbone_lr_multiplier, cfg.grad_clip, cfg.warmup_steps) == (0.1, 0.1, 0)
+    assert cfg.lr_drop_step == round(cfg.max_steps * 2 / 3)  # StepLR after 12 of 18 epochs
+    factors = [train_module.lr_factor(step, cfg) for step in (0, 1332, 1333, 1999)]
+    assert factors == [1.0, 1.0, 0.1, 0.1]
+    poly = PRESETS["vistr_demo"]()
+    assert train_module.lr_factor(poly.max_steps - 1, poly) < 0.01  # poly decay to 0
+    result = train_module.main(small("vistr_official", tmp_path, lr_drop_step=1))
+    assert result["step"] == 2 and math.isfinite(result["loss"])

@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minivseg.panoptic import VOID_ID
+from minivseg.panoptic import VIDEO_LABEL_DIVISOR, VOID_ID
 from minivseg.vistr import (
     SequenceHead,
     SequenceMatcher,
     VisTRLoss,
     build_vistr,
     focal_and_dice,
+    predict_frames,
     predict_tubes,
     predict_video,
     sequence_cost,
@@ -400,5 +401,21 @@ def test_predict_video_covers_every_frame_with_one_track(length, T, stride):
     for t in range(length):
         frames[t, :, 1:4, t : t + 3] = 255
     video = predict_video(SquareModel(T), frames, stride=stride)
-    expected = np.where(frames[:, 0].numpy() > 128, 13001, VOID_ID)
+    car, void = 13 * VIDEO_LABEL_DIVISOR + 1, 255 * VIDEO_LABEL_DIVISOR
+    expected = np.where(frames[:, 0].numpy() > 128, car, void)
     np.testing.assert_array_equal(video, expected)
+
+
+def test_padding_frames_are_cut_before_the_score_and_the_vote():
+    # One real frame and two repeated ones: the slot says "car" (0.9) on the real frame and
+    # "person" (0.99) on the padded ones; cut first, the tube is a car of score 0.9.
+    T, probs = 3, torch.tensor([[0.05, 0.9, 0.05], [0.99, 0.005, 0.005], [0.99, 0.005, 0.005]])
+    outputs = {"pred_logits": probs.log()[None], "num_frames": T,
+               "pred_masks": torch.full((1, T, 4, 4), 5.0)}  # fmt: skip
+    (tube,) = predict_tubes(outputs, (4, 4), (11, 13), valid=[1])[0]
+    assert tube[0].shape == (1, 4, 4) and tube[1] == 13 and tube[2] == pytest.approx(0.9)
+    (uncut,) = predict_tubes(outputs, (4, 4), (11, 13))[0]
+    assert uncut[1] == 11 and uncut[2] == pytest.approx((0.9 + 0.99 + 0.99) / 3)
+    scores = {}
+    stream = predict_frames(SquareModel(T), iter(torch.zeros(2, 3, 6, 8)), 2, scores=scores)
+    assert len(list(stream)) == 2 and set(scores) == {"vistr"}
