@@ -35,7 +35,8 @@ def test_bad_flags_raise_clear_errors(argv, message):
 
 
 def test_presets():
-    assert {"demo", "kitti", "stt_demo", "vistr_demo", "vistr_official"} <= set(PRESETS)
+    names = {"demo", "kitti", "stt_demo", "stt_paper", "vistr_demo", "vistr_official"}
+    assert set(PRESETS) == names
     kitti = PRESETS["kitti"]()
     assert kitti.crop_size == (385, 1249) and kitti.batch_size * kitti.accumulate == 16
     assert kitti.model == "kitti" and kitti.clip_length == 2

@@ -1,12 +1,17 @@
 """Tests for minivseg.sparse_temporal: NSM vs a per-position loop, Eq. (5) radii against the key
-sizes of STT Table 3, sparse vs dense attention, window locality, the segmenter and its cache."""
+sizes of STT Table 3, sparse vs dense attention, tiled vs gathered attention, window locality,
+the segmenter, its streaming cache, the paper preset and the benchmark's runs."""
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from minivseg import sparse_temporal
+from minivseg.config import PRESETS
 from minivseg.sparse_temporal import (
     SparseTemporalTransformer,
     STTSegmenter,
@@ -15,8 +20,15 @@ from minivseg.sparse_temporal import (
     key_window_index,
     key_window_radii,
     neighborhood_similarity,
+    tiled_attention,
     windowed_attention,
 )
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_sparse_temporal", Path(__file__).parent / "benchmarks" / "bench_sparse_temporal.py"
+)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 
 def naive_nsm(features: torch.Tensor, radius: int) -> torch.Tensor:
@@ -114,6 +126,68 @@ def test_windowed_attention_equals_dense_when_window_covers_map():
     assert not torch.allclose(windowed_attention(q, k, v, index, inside, 2), sparse)
 
 
+def test_windowed_attention_passes_chunk_size_on(monkeypatch):
+    torch.manual_seed(7)
+    N, T, H, W, C = 250, 2, 10, 25, 8
+    q, k, v = torch.randn(1, N, C), torch.randn(1, T * H * W, C), torch.randn(1, T * H * W, C)
+    index, inside = key_window_index(torch.arange(N)[None], H, W, [2, 1])
+    whole = windowed_attention(q, k, v, index, inside, num_heads=2, chunk_size=N)
+    computed, original = [], sparse_temporal.windowed_attention
+
+    def spy(q, k, v, index, inside, num_heads, chunk_size=64):
+        if index.shape[1] <= chunk_size:
+            computed.append(index.shape[1])  # a chunk attended to without splitting further
+        return original(q, k, v, index, inside, num_heads, chunk_size)
+
+    monkeypatch.setattr(sparse_temporal, "windowed_attention", spy)  # the recursion calls the spy
+    chunked = sparse_temporal.windowed_attention(q, k, v, index, inside, 2, chunk_size=100)
+    assert computed == [100, 100, 50]  # not re-split into chunks of the default 64
+    torch.testing.assert_close(chunked, whole)
+
+
+# (B, H, W, radii, ratio): windows past every border, sides not multiples of 4, radius 0,
+# a one-position map, the paper's radii, a few scattered queries
+TILED_CASES = [
+    (2, 7, 9, [2, 0, 1], 0.5),
+    (1, 5, 3, [3], 1.0),
+    (2, 13, 6, [5, 5, 5, 4, 3, 2, 1], 0.3),
+    (1, 8, 12, [1, 1], 0.1),
+    (1, 1, 1, [1], 1.0),
+]
+
+
+@pytest.mark.parametrize("B,H,W,radii,ratio", TILED_CASES)
+def test_tiled_attention_equals_gather_with_gradients(B, H, W, radii, ratio):
+    torch.manual_seed(8)
+    T, C, n = len(radii), 16, max(1, round(ratio * H * W))
+    selected = torch.stack([torch.randperm(H * W)[:n] for _ in range(B)])  # unsorted subsets
+    q = torch.randn(B, n, C, requires_grad=True)
+    k, v = (torch.randn(B, T * H * W, C, requires_grad=True) for _ in range(2))
+    index, inside = key_window_index(selected, H, W, radii)
+    reference = windowed_attention(q, k, v, index, inside, num_heads=4)
+    tiled = tiled_attention(q, k, v, selected, H, W, radii, num_heads=4, group_size=3)
+    assert tiled.shape == (B, n, C) and (tiled - reference).abs().max() <= 1e-5
+    weights = torch.randn(B, n, C)
+    grads = [torch.autograd.grad((out * weights).sum(), (q, k, v)) for out in (reference, tiled)]
+    for expected, got in zip(*grads):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_layer_is_tiled_by_default_and_equals_the_gather_layer():
+    torch.manual_seed(9)
+    options = dict(num_heads=2, nsm_radius=1, end=2)
+    tiled = SparseTemporalTransformer(32, 3, **options)
+    gather = SparseTemporalTransformer(32, 3, tiled=False, **options)
+    gather.load_state_dict(tiled.state_dict(), strict=True)
+    assert tiled.tiled and not gather.tiled
+    query, keys = torch.randn(2, 32, 8, 11), torch.randn(2, 3, 32, 8, 11)
+    a, b = tiled(query, keys), gather(query, keys)
+    assert torch.equal(a["selected"], b["selected"])  # the same NSM code on the same input
+    assert (a["features"] - b["features"]).abs().max() <= 1e-5
+    assert (a["features"] - query).abs().amax(1).gt(0).float().mean() == 0.5  # half updated
+
+
 def test_sparse_layer_equals_dense_layer_with_full_windows_and_all_queries():
     torch.manual_seed(3)
     options = dict(num_heads=2, query_ratio=1.0, nsm_radius=1, start=6, end=6)
@@ -182,10 +256,10 @@ def clear_top2(logits: torch.Tensor, margin: float = 1e-4) -> torch.Tensor:
     return top2[:, 0] - top2[:, 1] > margin
 
 
-@pytest.mark.parametrize("use_stt", [True, False])
-def test_predict_video_with_cache_equals_forward_on_each_window(use_stt):
+@pytest.mark.parametrize("use_stt,T", [(True, 2), (False, 2), (True, 3)])
+def test_predict_video_with_cache_equals_forward_on_each_window(use_stt, T):
     torch.manual_seed(6)
-    T, num_frames = 2, 5
+    num_frames = 5
     model = STTSegmenter(num_classes=5, num_key_frames=T, width=8, num_heads=2, use_stt=use_stt)
     model.eval()
     decoded = []  # decoder logits of every call, recorded by a hook
@@ -213,7 +287,7 @@ def test_predict_video_with_cache_equals_forward_on_each_window(use_stt):
         clear = clear_top2(upsampled) & clear_top2(window_logits)
         assert clear.float().mean() > 0.9  # near-ties excluded, not the whole video
         assert torch.equal(labels[clear], window_logits.argmax(1)[clear])
-        model(video[[1, 1, 2]][None])  # frame 2 with keys [1, 1] instead of [0, 1]
+        model(video[[1] * T + [2]][None])  # frame 2 with keys [1, 1...] instead of [0.., 1]
     keys_matter = not torch.allclose(decoded[-1], decoded[2])
     assert keys_matter == use_stt
 
@@ -226,3 +300,64 @@ def test_build_stt_presets_and_key_frame_check():
         build_stt("huge")
     with pytest.raises(ValueError, match="key frames"):
         model.stt(torch.randn(1, 32, 4, 4), torch.randn(1, 3, 32, 4, 4))
+
+
+def test_predict_frames_streams_and_runs_the_key_side_once_per_frame():
+    torch.manual_seed(10)
+    T, num_frames = 3, 6
+    model = STTSegmenter(num_classes=5, num_key_frames=T, width=8, num_heads=2, nsm_radius=1)
+    calls = dict.fromkeys(("encoder", "stt.reduce", "stt.to_k", "stt.to_v", "decoder"), 0)
+    for name in calls:
+        count = lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        model.get_submodule(name).register_forward_hook(count)
+    video = torch.rand(num_frames, 3, 32, 40) * 255
+    pulled = []
+
+    def frames():  # a generator, not a tensor: the segmenter must not need the whole video
+        for f in range(num_frames):
+            pulled.append(f)
+            yield video[f]
+
+    labels = []
+    for f, label in enumerate(model.predict_frames(frames())):
+        assert len(pulled) == f + 1 and not model.training  # one frame in, one label out
+        assert label.shape == (32, 40) and label.dtype == torch.int64
+        labels.append(label)
+    assert calls == dict.fromkeys(calls, num_frames)  # query and key side share one reduce
+    assert model.training  # the mode it had before
+    assert torch.equal(torch.stack(labels), model.predict_video(video))  # the same computation
+
+
+def test_paper_preset_has_table3_keys_and_64x128_maps():
+    with torch.device("meta"):  # shapes only: no memory, no arithmetic
+        model = build_stt("paper")
+        features = model.encode(torch.empty(1, 3, 1024, 2048))
+    assert features.shape == (1, 512, 64, 128)  # d_t = 512 at output stride 16
+    stt, (h, w) = model.stt, features.shape[-2:]
+    assert model.num_key_frames == 7 and stt.radii == [5, 5, 5, 4, 3, 2, 1] and stt.tiled
+    assert (stt.num_heads, stt.query_ratio, stt.nsm_radius) == (8, 0.5, 5)
+    assert stt.reduce[0].in_features == 512 and stt.to_k.out_features == 128  # d_t / 4
+    index, inside = key_window_index(torch.tensor([[32 * w + 64]]), h, w, stt.radii)
+    assert index.shape[-1] == inside.sum() == 527  # Table 3 row 1, all inside the map
+    assert 7 * h * w == 57_344 and 57_344 // 7 == 64 * 128  # Table 3 row 8: every key
+    cfg = PRESETS["stt_paper"]()
+    assert (cfg.task, cfg.model, cfg.clip_length) == ("stt", "paper", 8)  # 7 keys + the frame
+    # stride 16 changes the last block's stride, not its weights
+    stride8, stride16 = build_stt("tiny", width=8), build_stt("tiny", width=8, output_stride=16)
+    stride16.load_state_dict(stride8.state_dict(), strict=True)
+    frames = torch.rand(1, 3, 64, 96) * 255
+    assert stride8.encode(frames).shape[-2:] == (8, 12)
+    assert stride16.encode(frames).shape[-2:] == (4, 6)
+
+
+def test_bench_size_flag_and_dense_on_the_same_selected_queries():
+    assert bench.parse_size("64x128") == (64, 128)
+    h, w = 6, 8
+    inputs = bench.attention_inputs(h, w)
+    selected = inputs[-1][0]
+    runs = {mode: bench.run_attention(mode, h, w, inputs) for mode in bench.MODES}
+    assert (runs["sparse"] - runs["gather"]).abs().max() <= 1e-5
+    chunked = bench.run_attention("dense_selected", h, w, inputs, dense_chunk=5)
+    torch.testing.assert_close(chunked, runs["dense_selected"])
+    torch.testing.assert_close(runs["dense_selected"], runs["dense"][:, selected])
+    assert not torch.allclose(runs["sparse"], runs["dense_selected"])  # the windows matter

@@ -1,23 +1,31 @@
 """Sparse vs dense temporal attention at STT's Cityscapes setting (§3.2, Tables 3-4).
 
 T = 7 key frames, d_t = 512 reduced to 128, 8 heads, 50% of the queries, key windows s=1, e=5,
-eps=1 (527 keys per query), feature maps of h x w from 8 x 16 up to 64 x 128 (1024 x 2048 input
-at stride 16). Sparse and dense run on the same inputs in the same process.
+eps=1 (527 keys per query), feature maps of h x w from 8 x 16 up to 64 x 128 (a 1024 x 2048 frame
+at stride 16, `build_stt("paper")`). Every run uses the same inputs, in the same process.
 
-- "attention": Eq. (6) on projected q, k, v: `windowed_attention` (window index and key gather
-  included) vs `dense_attention` (the (h, N, T*h*w) attention formed). Where that attention would
-  exceed --dense-limit-gb, dense is timed query chunk by query chunk (same arithmetic, less memory)
-  and marked "chunked"; its memory is then only the analytic size.
+- "attention": Eq. (6) on projected q, k, v, four ways.
+  sparse: `tiled_attention`, the layer's default (selected queries, their key windows);
+  gather: `windowed_attention`, the per-query gather it is checked against (same work);
+  dense sel.: `dense_attention` of the same selected queries on all T*h*w keys;
+  dense all: `dense_attention` of every position on every key (no selection at all).
+  all/sel. is what query selection buys (2x at 50%), sel./sparse what key selection buys, and
+  all/sparse = their product. The selected queries are a random half of the map, the worst case
+  for tiles (every tile holds some); NSM selection clusters them. A dense attention larger than
+  --dense-limit-gb runs query chunk by query chunk (same arithmetic, less memory), once, after
+  a warm-up on one chunk ("chunked"); its memory is then only the analytic size.
 - "layer": the whole `SparseTemporalTransformer` forward (reduction MLP of all T+1 maps, NSM,
-  selection, Eq. 6-10, scatter), dense=False vs dense=True. Dense is not run above the limit; its
-  time there is EXTRAPOLATED from a power law through the two largest measured sizes, marked so.
-- Time: best of --repeats, as CPU seconds of this process (fair on a shared machine) and wall
-  seconds; on an idle machine with one thread the two agree. On CUDA, wall time only.
+  selection, Eq. 6-10, scatter): tiled (sparse), tiled=False (gather), dense=True (dense all).
+  The dense layer is not run above the limit; its time there is EXTRAPOLATED from a power law
+  through the two largest measured sizes, and marked so.
+- Time: best of --repeats, CPU seconds of this process (fair on a shared machine) / wall seconds;
+  on an idle machine with one thread the two agree. On CUDA, wall time only. Ratios are of CPU
+  times measured in this one run.
 - Memory of one attention call: growth of the peak resident set (VmHWM, reset through
   /proc/self/clear_refs) in a fresh process on CPU, torch.cuda.max_memory_allocated on CUDA;
-  printed beside the analytic float32 size of the attention tensors alive at once.
+  printed beside the analytic float32 size of the tensors alive at once.
 
-Run: python tests/benchmarks/bench_sparse_temporal.py [--threads 1] [--repeats 3]
+Run: python tests/benchmarks/bench_sparse_temporal.py [--threads 1] [--repeats 3] [--size 64x128]
 """
 
 import argparse
@@ -34,13 +42,23 @@ from minivseg.sparse_temporal import (
     dense_attention,
     key_window_index,
     key_window_radii,
+    tiled_attention,
     windowed_attention,
 )
 
-T, CHANNELS, WIDTH, HEADS, RATIO, CHUNK = 7, 512, 128, 8, 0.5, 64
+T, CHANNELS, WIDTH, HEADS, RATIO, CHUNK, GROUP = 7, 512, 128, 8, 0.5, 64, 8
 SIZES = [(8, 16), (16, 32), (32, 64), (64, 128)]
+MODES = ("sparse", "gather", "dense_selected", "dense")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NUM_KEYS = sum((2 * r + 1) ** 2 for r in key_window_radii(T))
+RADII = key_window_radii(T)
+NUM_KEYS = sum((2 * r + 1) ** 2 for r in RADII)  # 527 per query
+UNION_KEYS = sum((4 + 2 * r) ** 2 for r in RADII)  # 932 per 4 x 4 tile
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """ "64x128" -> (64, 128)."""
+    h, w = text.lower().split("x")
+    return int(h), int(w)
 
 
 def attention_inputs(h: int, w: int, seed: int = 0):
@@ -55,33 +73,47 @@ def attention_inputs(h: int, w: int, seed: int = 0):
 def run_attention(mode: str, h: int, w: int, inputs, dense_chunk: int | None = None):
     q_all, q, k, v, selected = inputs
     if mode == "sparse":
-        index, inside = key_window_index(selected, h, w, key_window_radii(T))
+        return tiled_attention(q, k, v, selected, h, w, RADII, HEADS, group_size=GROUP)
+    if mode == "gather":
+        index, inside = key_window_index(selected, h, w, RADII)
         return windowed_attention(q, k, v, index, inside, HEADS, chunk_size=CHUNK)
-    chunk = dense_chunk or q_all.shape[1]
-    parts = [q_all[:, i : i + chunk] for i in range(0, q_all.shape[1], chunk)]
+    queries = q if mode == "dense_selected" else q_all
+    chunk = dense_chunk or queries.shape[1]
+    parts = [queries[:, i : i + chunk] for i in range(0, queries.shape[1], chunk)]
     return torch.cat([dense_attention(part, k, v, HEADS) for part in parts], dim=1)
 
 
+def num_queries(mode: str, h: int, w: int) -> int:
+    return h * w if mode == "dense" else round(RATIO * h * w)
+
+
 def analytic_gb(mode: str, h: int, w: int) -> float:
-    """Float32 size of the attention tensors alive at once. Dense: logits and probabilities
-    (h, N, T*h*w). Sparse: gathered k, v (N_c, n_k, C), their products with q or the attention
-    (N_c, n_k, C) and logits and probabilities (N_c, n_k, h), for one chunk of N_c queries."""
-    if mode == "dense":
-        return 2 * HEADS * (h * w) * (T * h * w) * 4 / 1e9
-    chunk = min(round(RATIO * h * w), CHUNK)
-    return chunk * NUM_KEYS * (3 * WIDTH + 2 * HEADS) * 4 / 1e9
+    """Float32 size of the tensors alive at once. Dense: logits and probabilities (h, N, T*h*w).
+    Gather: gathered k, v (N_c, n_k, C), a product of the same size and logits and probabilities
+    (N_c, n_k, h) for a chunk of N_c queries. Sparse: k, v padded (2 T h w C, about), the additive
+    mask of the tiles (n_t, 16, M) and, per group of g tiles, k, v (g, M, C) and logits and
+    probabilities (g, h, 16, M), M = 932 union keys."""
+    if mode.startswith("dense"):
+        return 2 * HEADS * num_queries(mode, h, w) * (T * h * w) * 4 / 1e9
+    if mode == "gather":
+        return min(num_queries(mode, h, w), CHUNK) * NUM_KEYS * (3 * WIDTH + 2 * HEADS) * 4 / 1e9
+    tiles = math.ceil(h / 4) * math.ceil(w / 4)
+    padded = 2 * T * (4 * math.ceil(h / 4) + 10) * (4 * math.ceil(w / 4) + 10) * WIDTH
+    group = min(GROUP, tiles) * UNION_KEYS * (2 * WIDTH + 2 * HEADS * 16)
+    return (padded + tiles * 16 * UNION_KEYS + group) * 4 / 1e9
 
 
 def attention_gmac(mode: str, h: int, w: int) -> float:
-    """Multiply-adds of q.k and attention.v: 2 * queries * keys * C."""
-    if mode == "dense":
-        return 2 * (h * w) * (T * h * w) * WIDTH / 1e9
-    return 2 * round(RATIO * h * w) * NUM_KEYS * WIDTH / 1e9
+    """Multiply-adds of q.k and attention.v: 2 * queries * keys * C (the tiled form does more:
+    16 slots x 932 union keys per tile)."""
+    keys = NUM_KEYS if mode in ("sparse", "gather") else T * h * w
+    return 2 * num_queries(mode, h, w) * keys * WIDTH / 1e9
 
 
-def seconds(fn, repeats: int) -> tuple[float, float]:
-    """(CPU seconds of this process, wall seconds), each the best of `repeats` after a warm-up."""
-    fn()
+def seconds(fn, repeats: int, warmup=None) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds), each the best of `repeats`, after a warm-up
+    run of `warmup` (default: `fn`)."""
+    (warmup or fn)()
     best_cpu = best_wall = math.inf
     for _ in range(repeats):
         if DEVICE == "cuda":
@@ -127,6 +159,17 @@ def memory_probe(mode: str, h: int, w: int) -> None:
     print((status_kib("VmHWM") - before) * 1024 / 1e9)
 
 
+def cell(seconds: tuple[float, float]) -> str:
+    """(cpu, wall) -> "cpu/wall", or "-" where not run."""
+    return "-" if math.isnan(seconds[0]) else f"{seconds[0]:7.3f}/{seconds[1]:<7.3f}"
+
+
+def ratio(slow: tuple[float, float], fast: tuple[float, float], index: int = 0) -> str:
+    """slow / fast of the CPU (index 0) or wall (1) seconds, or "-" where one was not run."""
+    value = slow[index] / fast[index]
+    return "-" if math.isnan(value) else f"{value:.1f}"
+
+
 def fit_power_law(points):
     """Least-squares fit of log(time) = a + b log(h*w) to [(h*w, time)]; returns (a, b)."""
     xs, ys = [math.log(p) for p, _ in points], [math.log(t) for _, t in points]
@@ -136,21 +179,28 @@ def fit_power_law(points):
 
 
 def time_size(h: int, w: int, layers: dict, args) -> dict:
-    """{(what, mode): (cpu s, wall s)} at one map size; NaN where dense is not run."""
+    """{(what, mode): (cpu s, wall s)} at one map size; NaN where a dense layer is not run."""
     inputs = attention_inputs(h, w)
     query = torch.randn(1, CHANNELS, h, w, device=DEVICE)
     keys = torch.randn(1, T, CHANNELS, h, w, device=DEVICE)
-    fits = analytic_gb("dense", h, w) <= args.dense_limit_gb
-    dense_chunk = None if fits else round(h * w * args.dense_limit_gb / analytic_gb("dense", h, w))
     times = {}
     with torch.no_grad():
-        for mode in layers:
-            attention = functools.partial(run_attention, mode, h, w, inputs, dense_chunk)
-            repeats = args.repeats if fits or mode == "sparse" else 1
-            times["attention", mode] = seconds(attention, repeats)
-            layer = functools.partial(layers[mode], query, keys)
-            fits_layer = fits or mode == "sparse"
-            times["layer", mode] = seconds(layer, args.repeats) if fits_layer else (math.nan,) * 2
+        for mode in MODES:
+            fits = analytic_gb(mode, h, w) <= args.dense_limit_gb
+            chunk = None if fits else round(num_queries(mode, h, w) * args.dense_limit_gb
+                                            / analytic_gb(mode, h, w))  # fmt: skip
+            attention = functools.partial(run_attention, mode, h, w, inputs, chunk)
+            # a chunked run warms up on its first chunk (the first touch of its memory is slow)
+            first = functools.partial(
+                run_attention, mode, h, w, [x[:, :chunk] for x in inputs[:2]] + inputs[2:], chunk
+            )
+            times["attention", mode] = seconds(attention, args.repeats if fits else 1,
+                                               None if fits else first)  # fmt: skip
+            if mode in layers and (fits or not mode.startswith("dense")):
+                times["layer", mode] = seconds(functools.partial(layers[mode], query, keys),
+                                               args.repeats)  # fmt: skip
+            else:
+                times["layer", mode] = (math.nan,) * 2
     return times
 
 
@@ -159,57 +209,70 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense-limit-gb", type=float, default=4.0)
+    parser.add_argument("--size", type=parse_size, action="append", metavar="HxW",
+                        help="feature map size, e.g. 64x128 (repeatable; default all)")  # fmt: skip
     parser.add_argument("--memory-probe", nargs=3, metavar=("MODE", "H", "W"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         mode, h, w = args.memory_probe
         return memory_probe(mode, int(h), int(w))
+    sizes = args.size or SIZES
     torch.manual_seed(0)
+    options = {"sparse": {}, "gather": {"tiled": False}, "dense": {"dense": True}}
     layers = {
-        mode: SparseTemporalTransformer(CHANNELS, T, HEADS, dense=mode == "dense").to(DEVICE).eval()
-        for mode in ("sparse", "dense")
+        mode: SparseTemporalTransformer(CHANNELS, T, HEADS, **kw).to(DEVICE).eval()
+        for mode, kw in options.items()
     }
-    layers["dense"].load_state_dict(layers["sparse"].state_dict())
+    for mode in ("gather", "dense"):
+        layers[mode].load_state_dict(layers["sparse"].state_dict())
     print(f"device {DEVICE}, threads {args.threads}, torch {torch.__version__}")
     print(f"T={T} key frames, d_t={CHANNELS} -> {WIDTH}, {HEADS} heads, {RATIO:.0%} queries, "
-          f"radii {key_window_radii(T)} ({NUM_KEYS} keys per query)")  # fmt: skip
-    print("seconds: best of repeats, CPU time of this process / wall. memory: measured peak growth "
-          "of one attention call (analytic size of its attention tensors), GB")  # fmt: skip
-    header = ("h x w    | what      | sparse cpu | dense cpu | ratio cpu | sparse wall | dense wall"
-              " | ratio wall | GMAC ratio | sparse GB     | dense GB")  # fmt: skip
+          f"radii {RADII} ({NUM_KEYS} keys per query, {UNION_KEYS} per 4x4 tile)")  # fmt: skip
+    print("seconds: best of repeats, CPU time of this process / wall; ratios of CPU times. "
+          "memory: measured peak growth of one attention call (analytic size), GB")  # fmt: skip
+    header = ("h x w   | what      | sparse          | gather          | dense sel.      "
+              "| dense all       | all/sparse (wall) | sel./sparse | all/sel. | gather/sparse "
+              "| MACs all/sparse | sparse GB     | dense all GB")  # fmt: skip
     print(header + "\n" + "-" * len(header))
-    times = {size: time_size(*size, layers, args) for size in SIZES}
-    for h, w in SIZES:
+    times = {size: time_size(*size, layers, args) for size in sizes}
+    for h, w in sizes:
         fits = analytic_gb("dense", h, w) <= args.dense_limit_gb
         sparse_gb = peak_memory_gb("sparse", h, w, args.threads)
         dense_gb = peak_memory_gb("dense", h, w, args.threads) if fits else math.nan
         for what in ("attention", "layer"):
-            (sparse, sparse_wall), (dense, dense_wall) = (times[h, w][what, m] for m in layers)
-            memory = gmac = ""
+            t = {mode: times[h, w][what, mode] for mode in MODES}
+            gmac = memory = ""
             if what == "attention":
-                gmac = f"{attention_gmac('dense', h, w) / attention_gmac('sparse', h, w):10.0f}"
+                gmac = f"{attention_gmac('dense', h, w) / attention_gmac('sparse', h, w):.0f}"
                 memory = (f"{sparse_gb:5.2f} ({analytic_gb('sparse', h, w):5.2f}) | "
                           f"{dense_gb:5.2f} ({analytic_gb('dense', h, w):5.2f})"
                           + ("" if fits else " chunked"))  # fmt: skip
-            print(f"{h:3d}x{w:<4d} | {what:9s} | {sparse:10.4f} | {dense:9.4f} | "
-                  f"{dense / sparse:9.1f} | {sparse_wall:11.4f} | {dense_wall:10.4f} | "
-                  f"{dense_wall / sparse_wall:10.1f} | {gmac:10s} | {memory}")  # fmt: skip
+            total = f"{ratio(t['dense'], t['sparse'])} ({ratio(t['dense'], t['sparse'], 1)})"
+            print(f"{h:3d}x{w:<4d}| {what:9s} | {cell(t['sparse']):15s} | {cell(t['gather']):15s} "
+                  f"| {cell(t['dense_selected']):15s} | {cell(t['dense']):15s} | {total:17s} | "
+                  f"{ratio(t['dense_selected'], t['sparse']):11s} | "
+                  f"{ratio(t['dense'], t['dense_selected']):8s} | "
+                  f"{ratio(t['gather'], t['sparse']):13s} | {gmac:15s} | {memory}")  # fmt: skip
+    if len(sizes) < 2:
+        return
     print("\nScaling of CPU time with h*w (power-law exponent over the measured sizes):")
     for what in ("attention", "layer"):
         points = {
-            mode: [(h * w, times[h, w][what, mode][0]) for h, w in SIZES
+            mode: [(h * w, times[h, w][what, mode][0]) for h, w in sizes
                    if not math.isnan(times[h, w][what, mode][0])]
-            for mode in layers
+            for mode in ("sparse", "dense")
         }  # fmt: skip
         print(f"  {what:9s}: sparse ~ (hw)^{fit_power_law(points['sparse'])[1]:.2f}, "
-              f"dense ~ (hw)^{fit_power_law(points['dense'])[1]:.2f}")  # fmt: skip
+              f"dense all ~ (hw)^{fit_power_law(points['dense'])[1]:.2f}")  # fmt: skip
+        if len(points["dense"]) < 2:
+            continue
         a, b = fit_power_law(points["dense"][-2:])
-        for h, w in SIZES:
+        for h, w in sizes:
             sparse, dense = times[h, w][what, "sparse"][0], times[h, w][what, "dense"][0]
             if math.isnan(dense):
                 dense = math.exp(a + b * math.log(h * w))
-                print(f"  EXTRAPOLATED {h}x{w} {what}: dense ~{dense:.0f} CPU s (not run: "
+                print(f"  EXTRAPOLATED {h}x{w} {what}: dense all ~{dense:.0f} CPU s (not run: "
                       f"{analytic_gb('dense', h, w):.0f} GB of attention) vs sparse {sparse:.2f} "
                       f"CPU s measured -> ~{dense / sparse:.0f}x")  # fmt: skip
 
