@@ -82,7 +82,7 @@ class PairCounter:
     def _learn(self, side: int, ids: np.ndarray) -> None:
         """Give the next free codes to the ids that have none yet."""
         table, values = self._tables[side], self._values[side]
-        fresh = np.flatnonzero(np.bincount(ids[np.take(table, ids) == 0]))
+        fresh = np.unique(ids[np.take(table, ids) == 0])  # not bincount: ids may reach 256·65536
         table[fresh] = np.arange(len(values), len(values) + len(fresh))
         self._values[side] = np.concatenate([values, fresh])
 
