@@ -45,7 +45,7 @@ class TrainConfig:
     backbone_lr_multiplier: float = 1.0  # LR factor for pretrained backbone weights (deeplab2 0.1)
     warmup_steps: int = 50  # linear warm-up steps
     poly_power: float = 0.9  # poly decay to 0 at max_steps
-    lr_drop_step: int = 0  # > 0: step decay instead, LR x0.1 from this step on (VisTR)
+    lr_drop: float = 0.0  # > 0: step decay instead, LR x0.1 after this fraction of max_steps
     grad_clip: float = 1.0  # global gradient-norm clip (0: off)
     freeze_batchnorm: bool = False  # use running BN statistics while training
     grad_checkpointing: bool = False  # recompute activations in backward (saves memory)
@@ -132,13 +132,13 @@ def vistr_official() -> TrainConfig:
     """VisTR's published optimisation recipe at ``vistr_demo``'s model, data and step budget.
 
     VisTR trains AdamW at LR 1e-4 with the backbone at 1e-5, weight decay 1e-4, gradient-norm
-    clip 0.1, no warm-up, and StepLR x0.1 after 12 of 18 epochs (here: after 2/3 of the steps).
+    clip 0.1, no warm-up, and StepLR x0.1 after 12 of 18 epochs (here: after 2/3 of max_steps).
     The backbone factor (``backbone_lr_multiplier`` 0.1) applies to the weights ``--pretrained``
     loads, as in every preset; VisTR's backbone starts from DETR's COCO weights.
     """
     return dataclasses.replace(
         vistr_demo(), preset="vistr_official", lr=1e-4, optimizer="adamw", weight_decay=1e-4,
-        backbone_lr_multiplier=0.1, grad_clip=0.1, warmup_steps=0, lr_drop_step=1333,
+        backbone_lr_multiplier=0.1, grad_clip=0.1, warmup_steps=0, lr_drop=2 / 3,
         out_dir="runs/vistr_official",
     )  # fmt: skip
 

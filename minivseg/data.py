@@ -18,6 +18,8 @@ that yields ``epoch * len + index`` gets fresh augmentation every epoch and exac
 from __future__ import annotations
 
 import argparse
+import collections
+import itertools
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,27 +51,49 @@ def read_image(path) -> np.ndarray:
         raise ValueError(f"{path}: cannot read image: {error}") from error
 
 
+def read_label(path, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """GT panoptic ``(H, W)``; raises naming the file for a class neither in 0..K-1 nor void."""
+    panoptic = read_kitti_step_png(path)
+    semantic = semantic_of(panoptic)
+    bad = np.unique(semantic[(semantic >= num_classes) & (semantic != IGNORE_LABEL)])
+    if bad.size:
+        raise ValueError(f"{path}: semantic ids {bad[:5].tolist()} are neither a class"
+                         f" (0..{num_classes - 1}) nor void ({IGNORE_LABEL})")  # fmt: skip
+    return panoptic
+
+
 def check_frame(image_path: Path, label_path: Path | None, num_classes: int = NUM_CLASSES):
     """Decode one frame (and its label); return per-class pixel counts. Raises naming the file."""
     image = read_image(image_path)
     counts = np.zeros(num_classes + 1, dtype=np.int64)
     if label_path is None:
         return counts
-    panoptic = read_kitti_step_png(label_path)
+    panoptic = read_label(label_path, num_classes)
     if panoptic.shape != image.shape[:2]:
         raise ValueError(
             f"{label_path}: label size {panoptic.shape} differs from image size "
             f"{image.shape[:2]} of {image_path}"
         )
     semantic = semantic_of(panoptic)
-    bad = (semantic >= num_classes) & (semantic != IGNORE_LABEL)
-    if bad.any():
-        raise ValueError(
-            f"{label_path}: semantic ids {sorted(set(semantic[bad].tolist()))[:5]} are neither a "
-            f"class (0..{num_classes - 1}) nor void ({IGNORE_LABEL})"
-        )
     semantic = np.where(semantic == IGNORE_LABEL, num_classes, semantic)
     return np.bincount(semantic.ravel(), minlength=num_classes + 1)
+
+
+def frame_tensor(path, device="cpu") -> torch.Tensor:
+    """One image file as a ``(3, H, W)`` float tensor in [0, 255]."""
+    return torch.from_numpy(read_image(path).copy()).permute(2, 0, 1).float().to(device)
+
+
+def prefetched(load, items, depth: int = 2):
+    """``load(item)`` for each item, computed ``depth`` items ahead in one background thread
+    (decoding PNGs overlaps the model's work); holds at most ``depth`` results."""
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        queue = collections.deque(pool.submit(load, x) for x in itertools.islice(items, depth))
+        while queue:
+            result = queue.popleft().result()
+            queue.extend(pool.submit(load, x) for x in itertools.islice(items, 1))
+            yield result
 
 
 def index_split(root, split: str, labels: bool = True, num_classes: int = NUM_CLASSES,

@@ -23,12 +23,11 @@ sequences, per-pixel and per-mask for TubeFormer, and through its own stitching 
 from __future__ import annotations
 
 import argparse
-import collections
+import dataclasses
 import itertools
 import json
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minivseg.config import TrainConfig
-from minivseg.data import IMAGE_PAD_VALUE, index_split, read_image
+from minivseg.data import (
+    IMAGE_PAD_VALUE,
+    frame_tensor,
+    index_split,
+    prefetched,
+    read_image,
+    read_label,
+)
 from minivseg.panoptic import (
     IGNORE_LABEL,
     LABEL_DIVISOR,
@@ -67,27 +73,6 @@ def pad_frames(frames: torch.Tensor) -> torch.Tensor:
     return F.pad(frames, pad, value=IMAGE_PAD_VALUE)
 
 
-def prefetched(load, items, depth: int = 2):
-    """``load(item)`` for each item, computed ``depth`` items ahead in one background thread."""
-    items = iter(items)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        queue = collections.deque(pool.submit(load, x) for x in itertools.islice(items, depth))
-        while queue:
-            result = queue.popleft().result()
-            queue.extend(pool.submit(load, x) for x in itertools.islice(items, 1))
-            yield result
-
-
-def frame_tensor(path, device="cpu") -> torch.Tensor:
-    """One image file as a ``(3, H, W)`` float tensor in [0, 255]."""
-    return torch.from_numpy(read_image(path).copy()).permute(2, 0, 1).float().to(device)
-
-
-def window_batch(clip_length: int, height: int, width: int) -> int:
-    """Windows per model call: 4 on small frames, down to 1 at KITTI size (bounded memory)."""
-    return max(1, min(4, (1 << 19) // (clip_length * padded_size(height) * padded_size(width))))
-
-
 @torch.no_grad()
 def tubeformer_frames(model, frames, num_frames, clip_length, thresholds=None, fill_void=False,
                       masks=False, scores=None):  # fmt: skip
@@ -103,14 +88,13 @@ def tubeformer_frames(model, frames, num_frames, clip_length, thresholds=None, f
     class_ids, thing_classes = model.thing_stuff_class_ids, tuple(model.cfg.thing_classes)
     options = {**(thresholds or {}), "thing_classes": thing_classes}
     modes = ("pixel", "mask") if masks else ("pixel",)
-    stitchers = {mode: VideoStitcher(clip_length, 1, thing_classes) for mode in modes}
+    stitchers = {m: VideoStitcher(clip_length, 1, thing_classes, num_frames=num_frames)
+                 for m in modes}  # fmt: skip
     semantic = {}  # frame -> class map of the newest clip covering it
 
     def final(done):
         for i, (t, pan) in enumerate(done["pixel"]):
             sem = semantic.pop(t)
-            if t >= num_frames:
-                continue  # a repeated last frame (padding of a video shorter than T)
             if fill_void:  # a void prediction is always an error for STQ: give it a class
                 pan = np.where(pan == VIDEO_VOID, sem * VIDEO_LABEL_DIVISOR, pan)
             yield {"panoptic": pan, "semantic": sem} | (
@@ -129,7 +113,8 @@ def tubeformer_frames(model, frames, num_frames, clip_length, thresholds=None, f
         label, confidence = class_predictions(outputs["class_logits"][0])
         slot_ids = torch.as_tensor(class_ids)[label.cpu()] * LABEL_DIVISOR + 1
         slot_scores = dict(zip((slot_ids + torch.arange(len(label))).tolist(), confidence.tolist()))
-        semantic.update({starts[0] + t: frame for t, frame in enumerate(found["semantic"].numpy())})
+        for t, frame in enumerate(found["semantic"].numpy()[: num_frames - starts[0]]):
+            semantic[starts[0] + t] = frame  # padding frames (past the end) are not kept
         yield from final({m: stitchers[m].add(found[m], slot_scores) for m in modes})
     yield from final({m: stitchers[m].finish() for m in modes})
     if scores is not None:
@@ -220,10 +205,6 @@ class PredictionWriter:
             save_gif(self.gif_path, self.pictures)
 
 
-def read_label(path):
-    return path, read_kitti_step_png(path)
-
-
 def evaluate_model(
     model, cfg: TrainConfig, root, split="val", device="cpu", out_dir=None, max_sequences=0,
     labels=True, gifs=True, sequences=None, fill_void=False, thresholds=None,
@@ -242,6 +223,7 @@ def evaluate_model(
     stq, vpq, miou, flicker = STQ(*classes), VPQ(*classes), MeanIoU(num_classes), Flicker()
     modes = {"tubeformer": ("pixel", "mask"), "vistr": ("vistr",)}.get(cfg.task, ())
     video_ap = {mode: VideoAP(*classes) for mode in modes} if labels else {}
+    known = max(num_classes, NUM_CLASSES)  # dataset classes; the model's K and above are void
     model.eval().to(device)
     for number, sequence in enumerate(names):
         paths = [root / "images" / split / sequence / f"{n}.png" for n in sequences[sequence]]
@@ -249,7 +231,8 @@ def evaluate_model(
         gts = itertools.repeat((None, None))
         if labels:
             label_dir = root / "panoptic_maps" / split / sequence
-            gts = prefetched(read_label, [label_dir / f"{n}.png" for n in sequences[sequence]])
+            label_paths = [label_dir / f"{n}.png" for n in sequences[sequence]]
+            gts = prefetched(lambda path: (path, read_label(path, known)), label_paths)
         writer = PredictionWriter(out_dir, split, sequence, paths, gifs) if out_dir else None
         scores, previous, start_time = {}, None, time.time()
         vpq.start_video()
@@ -259,7 +242,8 @@ def evaluate_model(
                                 masks="mask" in video_ap, scores=scores)  # fmt: skip
         bar = tqdm(total=len(paths), desc=f"[{number + 1}/{len(names)}] {sequence}",
                    unit="frame", disable=None, leave=False)  # fmt: skip
-        for t, (pred, (label_path, gt)) in enumerate(zip(stream, gts)):
+        for t, pred in enumerate(stream):  # the stream fills `scores` when it ends
+            label_path, gt = next(gts)
             if gt is not None:
                 if gt.shape != pred["panoptic"].shape:
                     raise ValueError(f"{label_path}: label size {gt.shape} differs from image"
@@ -297,7 +281,8 @@ def evaluate_model(
     return {k: float(v) for k, v in results.items() if np.isscalar(v)}
 
 
-def predict_folder(model, cfg: TrainConfig, folder: Path, out: Path, device, thresholds=None):
+def predict_folder(model, cfg: TrainConfig, folder: Path, out: Path, device, thresholds=None,
+                   fill_void=False):  # fmt: skip
     """``--frames DIR``: predictions and an overlay GIF for a folder of frames without labels."""
     from PIL import Image
 
@@ -320,7 +305,7 @@ def predict_folder(model, cfg: TrainConfig, folder: Path, out: Path, device, thr
           f" model on {device}; writing PNGs and an overlay GIF to {out}", flush=True)  # fmt: skip
     frames = prefetched(lambda path: frame_tensor(path, device), paths)
     writer = PredictionWriter(out, "frames", folder.name, paths)
-    stream = predict_frames(model, cfg, frames, len(paths), thresholds=thresholds)
+    stream = predict_frames(model, cfg, frames, len(paths), fill_void, thresholds)
     for t, pred in enumerate(tqdm(stream, total=len(paths), unit="frame", disable=None)):
         writer.add(t, pred["panoptic"])
     writer.close()
@@ -332,7 +317,10 @@ def load_model(checkpoint_path, device="cpu"):
     from minivseg.train import build_task
 
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    stored = checkpoint["config"]
+    stored, known = checkpoint["config"], {f.name for f in dataclasses.fields(TrainConfig)}
+    if set(stored) - known:  # a checkpoint from another version: fields it no longer has
+        print(f"warning: {checkpoint_path}: ignoring config fields {sorted(set(stored) - known)}")
+    stored = {k: v for k, v in stored.items() if k in known}
     cfg = TrainConfig(**{**stored, "crop_size": tuple(stored["crop_size"])})
     model, _ = build_task(cfg)
     model.load_state_dict(checkpoint["model"])
@@ -376,7 +364,7 @@ def main(argv=None) -> dict:
         if args.frames:
             folder = Path(args.frames)
             predict_folder(model, cfg, folder, out or Path("outputs") / folder.name, args.device,
-                           thresholds)  # fmt: skip
+                           thresholds, args.fill_void)  # fmt: skip
             return {}
         if not args.data:
             raise SystemExit("error: give --data ROOT (labelled split) or --frames DIR")

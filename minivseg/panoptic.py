@@ -75,9 +75,10 @@ def relabel(panoptic: np.ndarray, label_divisor: int, new_divisor: int) -> np.nd
     return semantic * new_divisor + instance
 
 
-def is_crowd(panoptic: np.ndarray, thing_classes=THING_CLASSES) -> np.ndarray:
+def is_crowd(panoptic, thing_classes=THING_CLASSES, label_divisor=LABEL_DIVISOR) -> np.ndarray:
     """Thing pixels without a track id: labelled semantically, but in no tube."""
-    return np.isin(semantic_of(panoptic), thing_classes) & (instance_of(panoptic) == 0)
+    semantic, instance = np.divmod(panoptic, label_divisor)
+    return np.isin(semantic, thing_classes) & (instance == 0)
 
 
 def read_kitti_step_png(path, label_divisor: int = LABEL_DIVISOR) -> np.ndarray:

@@ -61,6 +61,8 @@ def sliding_clips(frames, num_frames: int, clip_length: int, stride: int = 1, ba
     only when a clip needs them and dropped when no later clip does, so at most
     ``(batch_size − 1)·stride + T`` frames are held.
     """
+    if num_frames < 1:
+        raise ValueError(f"a video needs at least one frame, got num_frames={num_frames}")
     frames, held, pulled = iter(frames), {}, 0
     starts = clip_starts(num_frames, clip_length, stride)
     for k in range(0, len(starts), batch_size):
@@ -137,6 +139,8 @@ class VideoStitcher:
     (i + 1)·stride are final (no later clip covers them) and are returned; `finish` returns the
     rest. Only the T − stride overlapping frames are kept, with provisional track ids; a track
     gets its video id (``semantic * video_label_divisor + track``) when a final frame shows it.
+    ``num_frames``: the video's length, when its last clip is padded past the end; padding
+    frames are dropped and spend no ids.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class VideoStitcher:
         label_divisor: int = LABEL_DIVISOR,
         video_label_divisor: int = VIDEO_LABEL_DIVISOR,
         min_iou: float = 0.0,
+        num_frames: int | None = None,
     ):
         if not 1 <= stride <= clip_length:
             raise ValueError(
@@ -157,7 +162,8 @@ class VideoStitcher:
         self.clip_length, self.stride, self.min_iou = clip_length, stride, min_iou
         self.thing_classes = tuple(thing_classes)
         self.label_divisor, self.video_label_divisor = label_divisor, video_label_divisor
-        self.num_clips, self.num_final, self.shape = 0, 0, None
+        self.num_clips, self.num_final, self.shape, self.finished = 0, 0, None, False
+        self.num_frames = num_frames
         self._pending = []  # (frame in provisional ids, {provisional id: score}) not yet final
         self._provisional = 0  # provisional track ids are counted over all classes
         self._video_id = {}  # provisional id -> video id, for tracks already shown
@@ -170,6 +176,8 @@ class VideoStitcher:
         ``scores``: {clip tube id: score} for every tube of the clip (omit when not needed).
         Returns the frames that became final: ``[(frame index, (H, W) int64 video ids)]``.
         """
+        if self.finished:
+            raise ValueError("add after finish: start a new VideoStitcher for the next video")
         clip = np.asarray(clip.detach().cpu() if isinstance(clip, torch.Tensor) else clip)
         if self.shape is None:
             self.shape = clip.shape
@@ -209,6 +217,7 @@ class VideoStitcher:
 
     def finish(self) -> list[tuple[int, np.ndarray]]:
         """The frames still held (the end of the video)."""
+        self.finished = True
         return self._emit(self.num_final + len(self._pending))
 
     def scores(self) -> dict[int, float]:
@@ -219,7 +228,8 @@ class VideoStitcher:
         out = []
         while self.num_final < end and self._pending:
             frame, frame_scores = self._pending.pop(0)
-            out.append((self.num_final, self._to_video_ids(frame, frame_scores)))
+            if self.num_frames is None or self.num_final < self.num_frames:  # else padding
+                out.append((self.num_final, self._to_video_ids(frame, frame_scores)))
             self.num_final += 1
         return out
 
@@ -236,7 +246,7 @@ class VideoStitcher:
                         f"class {semantic} needs track id {number} at frame {self.num_final}, but"
                         f" video_label_divisor={self.video_label_divisor} holds ids up to"
                         f" {self.video_label_divisor - 1} (a KITTI-STEP PNG holds up to 65535):"
-                        " stitch the sequence in shorter pieces, or raise min_iou"
+                        " stitch and write the sequence in shorter pieces"
                     )
                 self._video_id[track] = semantic * self.video_label_divisor + number
                 self._next_track[semantic] = number + 1

@@ -116,11 +116,11 @@ def compute_loss(model, criterion, batch, cfg: TrainConfig):
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then poly decay to 0 at ``max_steps`` (or ×0.1 from ``lr_drop_step``)."""
+    """Linear warm-up, then poly decay to 0 at ``max_steps`` (or ×0.1 after ``lr_drop``)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if cfg.lr_drop_step > 0:  # step decay, as VisTR's StepLR
-        return 0.1 if step >= cfg.lr_drop_step else 1.0
+    if cfg.lr_drop > 0:  # step decay, as VisTR's StepLR
+        return 0.1 if step >= round(cfg.lr_drop * cfg.max_steps) else 1.0
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return max(0.0, 1.0 - progress) ** cfg.poly_power
 

@@ -64,10 +64,11 @@ def compare(frame, gt, pred, alpha=0.5, gap=4, label_divisor=LABEL_DIVISOR) -> n
     return _tile(pictures, gap, vertical=False)
 
 
-def strip(frames, panoptic, alpha: float = 0.5, gap: int = 4, vertical: bool = False):
+def strip(frames, panoptic, alpha=0.5, gap=4, vertical=False, label_divisor=LABEL_DIVISOR):
     """Overlays of ``T`` frames side by side: ``(T, H, W, 3)`` + ``(T, H, W)`` ->
     ``(H, T*W + (T-1)*gap, 3)`` uint8, or stacked top to bottom when ``vertical``."""
-    return _tile([overlay(f, p, alpha) for f, p in zip(frames, panoptic)], gap, vertical)
+    pictures = [overlay(f, p, alpha, label_divisor=label_divisor) for f, p in zip(frames, panoptic)]
+    return _tile(pictures, gap, vertical)
 
 
 def save_gif(path, images, fps: float = 5) -> None:
@@ -93,28 +94,29 @@ def heatmap(frame, values, alpha: float = 0.6, cmap: str = "magma") -> np.ndarra
     return np.clip(np.rint((1 - alpha) * frame + alpha * colours), 0, 255).astype(np.uint8)
 
 
-def tube_ids(panoptic, thing_classes=THING_CLASSES) -> list[int]:
+def tube_ids(panoptic, thing_classes=THING_CLASSES, label_divisor=LABEL_DIVISOR) -> list[int]:
     """Panoptic ids of the tracked things in a video (crowd and void excluded), ascending."""
     ids = np.unique(np.asarray(panoptic))
-    keep = np.isin(ids // LABEL_DIVISOR, thing_classes) & (ids % LABEL_DIVISOR > 0)
+    keep = np.isin(ids // label_divisor, thing_classes) & (ids % label_divisor > 0)
     return [int(i) for i in ids[keep]]
 
 
-def plot_tubes(panoptic, pan_ids=None, stride: int = 4, ax=None):
+def plot_tubes(panoptic, pan_ids=None, stride: int = 4, ax=None, label_divisor=LABEL_DIVISOR):
     """3-D plot of tubes: every ``stride``-th pixel of each id's masks, stacked along time.
 
     ``panoptic (T, H, W)``; axes are image column, frame and image row (up is up); one colour per
     track (`track_color`). ``pan_ids`` defaults to every tracked thing. Returns the axes.
+    ``label_divisor``: 65536 for stitched videos, as in every function here.
     """
     import matplotlib.pyplot as plt
 
     panoptic = np.asarray(panoptic)[:, ::stride, ::stride]  # (T, h, w)
-    pan_ids = tube_ids(panoptic) if pan_ids is None else list(pan_ids)
+    pan_ids = tube_ids(panoptic, label_divisor=label_divisor) if pan_ids is None else list(pan_ids)
     if ax is None:
         ax = plt.figure(figsize=(8, 4)).add_subplot(projection="3d")
     for pan_id in pan_ids:
         t, row, col = np.nonzero(panoptic == pan_id)
-        rgb = np.array(track_color(pan_id // LABEL_DIVISOR, pan_id % LABEL_DIVISOR)) / 255
+        rgb = np.array(track_color(*divmod(pan_id, label_divisor))) / 255
         ax.scatter(col * stride, t, -row * stride, color=rgb, marker="s", s=4, depthshade=False)
     T, h, w = panoptic.shape
     ax.set(xlim=(0, w * stride), ylim=(0, T - 1), zlim=(-h * stride, 0))

@@ -366,10 +366,12 @@ def test_vistr_official_recipe_and_step_decay(tmp_path):
     cfg = PRESETS["vistr_official"]()
     assert (cfg.task, cfg.optimizer, cfg.lr, cfg.weight_decay) == ("vistr", "adamw", 1e-4, 1e-4)
     assert (cfg.backbone_lr_multiplier, cfg.grad_clip, cfg.warmup_steps) == (0.1, 0.1, 0)
-    assert cfg.lr_drop_step == round(cfg.max_steps * 2 / 3)  # StepLR after 12 of 18 epochs
+    assert cfg.lr_drop == 2 / 3  # StepLR after 12 of 18 epochs
     factors = [train_module.lr_factor(step, cfg) for step in (0, 1332, 1333, 1999)]
     assert factors == [1.0, 1.0, 0.1, 0.1]
     poly = PRESETS["vistr_demo"]()
     assert train_module.lr_factor(poly.max_steps - 1, poly) < 0.01  # poly decay to 0
-    result = train_module.main(small("vistr_official", tmp_path, lr_drop_step=1))
+    shorter = dataclasses.replace(cfg, max_steps=150)  # the drop follows --max_steps
+    assert [train_module.lr_factor(step, shorter) for step in (99, 100)] == [1.0, 0.1]
+    result = train_module.main(small("vistr_official", tmp_path, lr_drop=0.5))
     assert result["step"] == 2 and math.isfinite(result["loss"])

@@ -419,3 +419,28 @@ def test_padding_frames_are_cut_before_the_score_and_the_vote():
     scores = {}
     stream = predict_frames(SquareModel(T), iter(torch.zeros(2, 3, 6, 8)), 2, scores=scores)
     assert len(list(stream)) == 2 and set(scores) == {"vistr"}
+
+
+class TwoSlots(torch.nn.Module):
+    """Stand-in VisTR: a car (score 0.9) on the top rows and a person (0.6) on the bottom rows."""
+
+    def __init__(self, num_frames):
+        super().__init__()
+        self.cfg = vistr_config("tiny", num_frames=num_frames, num_slots=2)
+
+    def forward(self, frames):
+        B, T, _, H, W = frames.shape
+        probs = torch.tensor([[0.05, 0.9, 0.05], [0.6, 0.1, 0.3]])  # (person, car, no object)
+        masks = torch.full((B, T, 2, H, W), -5.0)
+        masks[:, :, 0, : H // 2], masks[:, :, 1, H // 2 :] = 5.0, 5.0
+        logits = probs.log().repeat(B, T, 1)  # (B, T*2, 3), entry t*2 + slot
+        return {"pred_logits": logits, "pred_masks": masks.flatten(1, 2), "num_frames": T}
+
+
+def test_predict_frames_scores_each_track_with_its_tubes_score():
+    scores = {}
+    video = np.stack(list(predict_frames(TwoSlots(2), iter(torch.zeros(3, 3, 4, 6)), 3,
+                                         scores=scores)))  # fmt: skip
+    car, person = 13 * VIDEO_LABEL_DIVISOR + 1, 11 * VIDEO_LABEL_DIVISOR + 1
+    assert (video[:, :2] == car).all() and (video[:, 2:] == person).all()
+    assert scores == {"vistr": {car: pytest.approx(0.9), person: pytest.approx(0.6)}}

@@ -6,7 +6,14 @@ import numpy as np
 from PIL import Image
 
 from minivseg import visualize
-from minivseg.panoptic import VOID_ID, colorize, track_color
+from minivseg.panoptic import (
+    VIDEO_LABEL_DIVISOR,
+    VOID_ID,
+    colorize,
+    is_crowd,
+    relabel,
+    track_color,
+)
 
 
 def clip(T=3, H=6, W=10):
@@ -106,3 +113,23 @@ def test_tube_ids_and_plot_tubes_draw_every_subsampled_tube_pixel():
     expected = np.isin(panoptic[:, ::2, ::2], [11001, 13002]).sum()
     assert points == expected and len(ax.collections) == 2
     plt.close("all")
+
+
+def test_stitched_video_ids_draw_like_clip_ids():
+    """A stitched video (label divisor 65536) looks exactly like the same ids written with 1000."""
+    ids = np.full((2, 4, 5), 2000)
+    ids[:, 1:3, 1:3] = 13004
+    ids[:, 3, 0] = 13000  # crowd
+    video = relabel(ids, 1000, VIDEO_LABEL_DIVISOR)
+    frames = np.zeros((2, 4, 5, 3), np.uint8)
+    options = {"label_divisor": VIDEO_LABEL_DIVISOR}
+    np.testing.assert_array_equal(
+        visualize.strip(frames, video, **options), visualize.strip(frames, ids)
+    )
+    np.testing.assert_array_equal(
+        visualize.compare(frames[0], video[0], video[0], **options),
+        visualize.compare(frames[0], ids[0], ids[0]),
+    )
+    assert visualize.tube_ids(video, **options) == [13 * VIDEO_LABEL_DIVISOR + 4]
+    assert visualize.tube_ids(ids) == [13004]
+    assert (is_crowd(video, label_divisor=VIDEO_LABEL_DIVISOR) == is_crowd(ids)).all()
