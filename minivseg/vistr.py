@@ -616,15 +616,14 @@ def predict_frames(model: VisTR, frames, num_frames: int, stride: int = 1, batch
     `VideoStitcher`. ``scores`` receives {"vistr": {track id: score}} at the end (video AP).
     """
     T, thing_classes = model.cfg.num_frames, model.cfg.thing_classes
-    stitcher = VideoStitcher(T, stride, thing_classes)
-    real = lambda done: (frame for t, frame in done if t < num_frames)  # noqa: E731
+    stitcher = VideoStitcher(T, stride, thing_classes, num_frames=num_frames)  # padding dropped
     for _, clips, valid in sliding_clips(frames, num_frames, T, stride, batch_size):
         size = clips.shape[-2:]
         for tubes in predict_tubes(model(clips), size, thing_classes, valid=valid):
             ranked = sorted(tubes, key=lambda tube: -tube[2])  # as `tubes_to_panoptic` names them
             ids = {c * LABEL_DIVISOR + rank + 1: score for rank, (_, c, score) in enumerate(ranked)}
-            yield from real(stitcher.add(tubes_to_panoptic(tubes, T, *size), ids))
-    yield from real(stitcher.finish())
+            yield from (frame for _, frame in stitcher.add(tubes_to_panoptic(tubes, T, *size), ids))
+    yield from (frame for _, frame in stitcher.finish())
     if scores is not None:
         scores["vistr"] = stitcher.scores()
 

@@ -17,7 +17,14 @@ from minivseg.panoptic import (
     relabel,
     write_kitti_step_png,
 )
-from minivseg.stitching import VideoStitcher, match_tubes, stitch_clips, tube_ids, tube_iou
+from minivseg.stitching import (
+    VideoStitcher,
+    match_tubes,
+    sliding_clips,
+    stitch_clips,
+    tube_ids,
+    tube_iou,
+)
 
 
 def stitch(clips, stride=1, **options):
@@ -278,3 +285,15 @@ def test_a_flickering_tube_over_2000_frames_stitches_scores_and_is_written(tmp_p
     np.testing.assert_array_equal(read, video[-1])
     with pytest.raises(ValueError, match="label_divisor=65536"):
         read_kitti_step_png(tmp_path / "last.png")  # track 1000 does not fit under 1000
+
+
+def test_padding_frames_are_dropped_and_spend_no_ids():
+    clip = np.zeros((3, 1, 2), dtype=np.int64)
+    clip[2, 0, 0] = 13005  # seen only on the padded third frame of a two-frame video
+    stitcher = VideoStitcher(3, 1, num_frames=2)
+    frames = stitcher.add(clip, scores={13005: 0.7}) + stitcher.finish()
+    assert [t for t, _ in frames] == [0, 1] and stitcher.scores() == {}
+    with pytest.raises(ValueError, match="add after finish"):
+        stitcher.add(clip)
+    with pytest.raises(ValueError, match="at least one frame"):
+        next(sliding_clips(iter([]), 0, 2))
