@@ -18,8 +18,6 @@ that yields ``epoch * len + index`` gets fresh augmentation every epoch and exac
 from __future__ import annotations
 
 import argparse
-import collections
-import itertools
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -82,18 +80,6 @@ def check_frame(image_path: Path, label_path: Path | None, num_classes: int = NU
 def frame_tensor(path, device="cpu") -> torch.Tensor:
     """One image file as a ``(3, H, W)`` float tensor in [0, 255]."""
     return torch.from_numpy(read_image(path).copy()).permute(2, 0, 1).float().to(device)
-
-
-def prefetched(load, items, depth: int = 2):
-    """``load(item)`` for each item, computed ``depth`` items ahead in one background thread
-    (decoding PNGs overlaps the model's work); holds at most ``depth`` results."""
-    items = iter(items)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        queue = collections.deque(pool.submit(load, x) for x in itertools.islice(items, depth))
-        while queue:
-            result = queue.popleft().result()
-            queue.extend(pool.submit(load, x) for x in itertools.islice(items, 1))
-            yield result
 
 
 def index_split(root, split: str, labels: bool = True, num_classes: int = NUM_CLASSES,

@@ -7,7 +7,7 @@ videos with STQ, VPQ, mIoU, flicker and video mask AP (`minivseg.metrics`, `mini
 With ``--out`` it writes the predictions as KITTI-STEP PNGs, one overlay GIF per sequence, and
 ``metrics.json``. ``--frames DIR`` runs on a folder of frames without labels ("my own video").
 
-Everything streams: frames are read (one thread ahead) as the windows need them, each window
+Everything streams: frames are read as the windows need them, each window
 runs the model once, each clip is folded into the stitched video as it comes, and every frame
 is scored and written as soon as no later clip can change it. Memory does not grow with the
 length of a sequence. Predicted videos use ``VIDEO_LABEL_DIVISOR = 65536`` (track ids up to
@@ -40,7 +40,6 @@ from minivseg.data import (
     IMAGE_PAD_VALUE,
     frame_tensor,
     index_split,
-    prefetched,
     read_image,
     read_label,
 )
@@ -227,12 +226,12 @@ def evaluate_model(
     model.eval().to(device)
     for number, sequence in enumerate(names):
         paths = [root / "images" / split / sequence / f"{n}.png" for n in sequences[sequence]]
-        frames = prefetched(lambda path: frame_tensor(path, device), paths)
+        frames = (frame_tensor(path, device) for path in paths)  # read as the windows need them
         gts = itertools.repeat((None, None))
         if labels:
             label_dir = root / "panoptic_maps" / split / sequence
             label_paths = [label_dir / f"{n}.png" for n in sequences[sequence]]
-            gts = prefetched(lambda path: (path, read_label(path, known)), label_paths)
+            gts = ((path, read_label(path, known)) for path in label_paths)
         writer = PredictionWriter(out_dir, split, sequence, paths, gifs) if out_dir else None
         scores, previous, start_time = {}, None, time.time()
         vpq.start_video()
@@ -303,7 +302,7 @@ def predict_folder(model, cfg: TrainConfig, folder: Path, out: Path, device, thr
     ((width, height),) = sizes
     print(f"predicting {len(paths)} frames of {folder} ({width}x{height}) with the {cfg.task}"
           f" model on {device}; writing PNGs and an overlay GIF to {out}", flush=True)  # fmt: skip
-    frames = prefetched(lambda path: frame_tensor(path, device), paths)
+    frames = (frame_tensor(path, device) for path in paths)
     writer = PredictionWriter(out, "frames", folder.name, paths)
     stream = predict_frames(model, cfg, frames, len(paths), fill_void, thresholds)
     for t, pred in enumerate(tqdm(stream, total=len(paths), unit="frame", disable=None)):
