@@ -33,17 +33,27 @@ from minivseg.panoptic import (
     IGNORE_LABEL,
     NUM_CLASSES,
     VOID_ID,
+    frame_order,
     read_kitti_step_png,
     semantic_of,
+    unpadded_names,
 )
 
 IMAGE_PAD_VALUE = 127.5  # deeplab2 pads images with the mean, which normalises to 0
 
 
 def read_image(path) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB; ``ValueError`` naming the file if it cannot be decoded."""
+    """``(H, W, 3)`` uint8 RGB; ``ValueError`` naming the file if it cannot be decoded.
+
+    16-bit grayscale PNGs are scaled to 8 bits (PIL's own conversion would clip them white).
+    """
     try:
         with Image.open(path) as image:
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                gray = np.asarray(image, dtype=np.int64)
+                if gray.min(initial=0) < 0 or gray.max(initial=0) > 65535:
+                    raise ValueError(f"{image.mode} values outside 0..65535")
+                return np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, axis=-1)
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as error:
         raise ValueError(f"{path}: cannot read image: {error}") from error
@@ -99,7 +109,7 @@ def index_split(root, split: str, labels: bool = True, num_classes: int = NUM_CL
     sequences = {}
     jobs = []
     for seq_dir in sorted(p for p in image_dir.iterdir() if p.is_dir()):
-        frames = sorted(p.stem for p in seq_dir.glob("*.png"))
+        frames = frame_order(p.stem for p in seq_dir.glob("*.png"))
         if not frames:
             continue
         sequences[seq_dir.name] = frames
@@ -291,6 +301,8 @@ def main(argv=None) -> None:
     parser.add_argument("--splits", nargs="+", default=None, help="splits (default: all found)")
     args = parser.parse_args(argv)
     root = Path(args.check)
+    if not root.exists():
+        raise SystemExit(f"error: {root}: no such file or directory")
     if not (root / "images").is_dir():
         raise SystemExit(f"{root}: not a KITTI-STEP root (no images/ folder)")
     splits = args.splits or sorted(p.name for p in (root / "images").iterdir() if p.is_dir())
@@ -302,6 +314,11 @@ def main(argv=None) -> None:
             raise SystemExit(f"error: {error}") from None
         frames = sum(len(v) for v in sequences.values())
         print(f"{split}: {len(sequences)} sequences, {frames} frames, labels: {has_labels}")
+        for name, frame_names in sequences.items():
+            if unpadded_names(frame_names):
+                print(f"  warning: {split}/{name}: frame names are numbers of different lengths"
+                      f" ({frame_names[0]} ... {frame_names[-1]}); they are read in numeric order,"
+                      " but tools that sort names as text will not: zero-pad them")  # fmt: skip
         if has_labels:
             shares = counts / max(counts.sum(), 1)
             for name, share in zip((*CLASS_NAMES, "void"), shares):

@@ -50,6 +50,7 @@ from minivseg.panoptic import (
     THING_CLASSES,
     VIDEO_LABEL_DIVISOR,
     VOID_ID,
+    frame_order,
     read_kitti_step_png,
     relabel,
     write_kitti_step_png,
@@ -285,7 +286,7 @@ def predict_folder(model, cfg: TrainConfig, folder: Path, out: Path, device, thr
     """``--frames DIR``: predictions and an overlay GIF for a folder of frames without labels."""
     from PIL import Image
 
-    paths = sorted(folder.glob("*.png")) or sorted(folder.glob("*.jpg"))
+    paths = frame_order(folder.glob("*.png")) or frame_order(folder.glob("*.jpg"))
     if not paths:
         raise SystemExit(f"error: {folder}: no .png or .jpg frames")
     sizes = {}
@@ -373,13 +374,17 @@ def main(argv=None) -> dict:
                                  fill_void=args.fill_void, thresholds=thresholds)  # fmt: skip
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    if not has_labels:
+        label_dir = Path(args.data) / "panoptic_maps" / args.split
+        print(f"no labels to score ({label_dir} does not exist): predictions only")
     if metrics:
         print_table(metrics)
-    if out is not None:
+    if out is not None and metrics:
         out.mkdir(parents=True, exist_ok=True)
         stored = {k: None if math.isnan(v) else v for k, v in metrics.items()}  # NaN: null
         (out / "metrics.json").write_text(json.dumps(stored, indent=2))
-        print(f"predictions, overlays and metrics.json in {out}")
+    if out is not None:
+        print(f"predictions and overlays{' and metrics.json' if metrics else ''} in {out}")
     return metrics
 
 

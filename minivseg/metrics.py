@@ -54,6 +54,7 @@ from minivseg.panoptic import (
     NUM_CLASSES,
     THING_CLASSES,
     VIDEO_LABEL_DIVISOR,
+    frame_order,
     read_kitti_step_png,
 )
 
@@ -443,7 +444,7 @@ def _list_frames(gt_root: Path, pred_root: Path):
         raise FileNotFoundError(f"ground-truth folder {gt_root} does not exist")
     frames = {}
     for sequence in sorted(p for p in gt_root.iterdir() if p.is_dir()):
-        gt_paths = sorted(sequence.glob("*.png"))
+        gt_paths = frame_order(sequence.glob("*.png"))  # time order: 2 before 10
         if gt_paths:
             frames[sequence.name] = [
                 (path, pred_root / sequence.name / path.name) for path in gt_paths

@@ -81,6 +81,23 @@ def is_crowd(panoptic, thing_classes=THING_CLASSES, label_divisor=LABEL_DIVISOR)
     return np.isin(semantic, thing_classes) & (instance == 0)
 
 
+def frame_order(names) -> list:
+    """Names (or paths) in time order: by number when every stem is a number (``2`` before
+    ``10``), else as text. Frame names must sort in time order."""
+    names = list(names)
+    stem = lambda name: Path(name).stem  # noqa: E731
+    if names and all(stem(n).isdigit() for n in names):
+        return sorted(names, key=lambda n: (int(stem(n)), stem(n)))
+    return sorted(names)
+
+
+def unpadded_names(names) -> bool:
+    """True when numeric frame names differ in length (``9.png``, ``10.png``): other tools sort
+    them as text, out of time order."""
+    stems = [Path(n).stem for n in names]
+    return all(s.isdigit() for s in stems) and len({len(s) for s in stems}) > 1
+
+
 def read_kitti_step_png(path, label_divisor: int = LABEL_DIVISOR) -> np.ndarray:
     """Read a KITTI-STEP panoptic PNG into ``(H, W)`` int64 ids ``semantic*divisor + instance``.
 

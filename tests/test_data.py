@@ -226,3 +226,35 @@ def test_resumable_sampler_order_resume_and_ranks():
     rank0 = take(D.ResumableSampler(5, seed=3, rank=0, world=2), 10)
     rank1 = take(D.ResumableSampler(5, seed=3, rank=1, world=2), 10)
     assert [k for pair in zip(rank0, rank1) for k in pair] == stream  # K ranks = one global stream
+
+
+def test_frames_are_read_in_numeric_order_and_check_warns_when_names_are_not_padded(root, capsys):
+    sequence = root / "images" / "val" / "0002"
+    labels = root / "panoptic_maps" / "val" / "0002"
+    for t, path in enumerate(sorted(sequence.glob("*.png"))):  # 000000..000003 -> 0, 1, 2, 10
+        name = f"{(0, 1, 2, 10)[t]}.png"
+        path.rename(sequence / name)
+        (labels / path.name).rename(labels / name)
+    sequences, _ = D.index_split(root, "val")
+    assert sequences["0002"] == ["0", "1", "2", "10"]  # as text: 0, 1, 10, 2
+    D.main(["--check", str(root)])
+    assert "val/0002: frame names are numbers of different lengths" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no such file or directory"):
+        D.main(["--check", str(root / "missing")])
+
+
+def test_a_16_bit_grayscale_frame_is_scaled_not_white(tmp_path):
+    gray = np.tile(np.linspace(0, 65535, 8).astype(np.uint16), (4, 1))
+    Image.fromarray(gray).save(tmp_path / "frame.png")  # mode I;16
+    image = D.read_image(tmp_path / "frame.png")
+    assert image.shape == (4, 8, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image[0, :, 0], gray[0] >> 8)  # PIL's convert gives 255
+
+
+def test_frame_tensor_raises_no_warning(root):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame = D.frame_tensor(next((root / "images" / "val" / "0002").glob("*.png")))
+    assert frame.shape[0] == 3 and frame.dtype == torch.float32

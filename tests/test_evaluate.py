@@ -251,3 +251,24 @@ def test_frames_with_fill_void_leaves_no_void_pixel(checkpoint, tmp_path):
             "--fill-void"])  # fmt: skip
     for png in (tmp_path / "o" / "panoptic_maps" / "frames" / "clip").glob("*.png"):
         assert (read_kitti_step_png(png, VIDEO_LABEL_DIVISOR) // VIDEO_LABEL_DIVISOR != 255).all()
+
+
+def test_frames_of_mixed_sizes_and_a_split_without_labels_are_explained(
+    checkpoint, tmp_path, capsys
+):
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name, size in (("0.png", (40, 30)), ("1.png", (40, 30)), ("2.png", (41, 30))):
+        Image.new("RGB", size).save(folder / name)
+    with pytest.raises(SystemExit, match=r"0\.png is 40x30, .*2\.png is 41x30"):
+        E.main(["--checkpoint", str(checkpoint), "--frames", str(folder)])
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(SAMPLES / "images" / "val", unlabelled / "images" / "val")
+    E.main(
+        ["--checkpoint", str(checkpoint), "--data", str(unlabelled), "--out", str(tmp_path / "o")]
+    )
+    assert "no labels to score" in capsys.readouterr().out
+    assert not (tmp_path / "o" / "metrics.json").exists()
+    assert list((tmp_path / "o" / "panoptic_maps").rglob("*.png"))
