@@ -2,13 +2,14 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LAB    := $(VENV)/.notebooks
 DATA   ?=
 NGPUS  ?= 1
 SYNTH  := data/synthetic
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test lessons notebooks lint format data-samples bench train-kitti clean
+.PHONY: help demo test lessons notebooks lab lint format data-samples bench train-kitti clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -22,19 +23,26 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## synthetic data -> train the tiny TubeFormer on CPU -> STQ/VPQ/mIoU + overlays
 	@test -d $(SYNTH)/panoptic_maps/val || $(PY) -m minivseg.synthetic --out $(SYNTH) \
 		--train-seqs 16 --val-seqs 2 --frames 30 --seed 0
-	$(PY) -m minivseg.train --preset=demo --data=$(SYNTH) --out_dir=runs/demo $(ARGS)
+	$(PY) -m minivseg.train --preset=demo --data=$(SYNTH) --out_dir=runs/demo --overwrite $(ARGS)
 	$(PY) -m minivseg.evaluate --checkpoint runs/demo/last.pt --data $(SYNTH) --split val \
 		--out runs/demo/eval
 	@echo "overlay GIFs: runs/demo/eval/overlays/  loss curve: runs/demo/loss_curve.png"
 
-test: $(STAMP)  ## run the whole test suite (unit tests, lessons, training smoke runs)
+test: $(STAMP)  ## run the whole test suite (unit tests, lessons as notebooks, training smoke runs)
 	$(PY) -m pytest
 
 lessons: $(STAMP)  ## run every lesson as a script (headless)
 	@for f in lessons/[0-9][0-9]_*.py; do echo "== $$f"; MPLBACKEND=Agg $(PY) $$f || exit 1; done
 
-notebooks: $(STAMP)  ## convert lessons to .ipynb notebooks (git-ignored)
-	$(VENV)/bin/jupytext --to ipynb lessons/[0-9][0-9]_*.py
+$(LAB): $(STAMP)  # the notebooks extra: JupyterLab
+	$(VENV)/bin/pip install -e '.[dev,notebooks]'
+	touch $(LAB)
+
+notebooks: $(LAB)  ## lessons -> .ipynb notebooks (git-ignored, outputs kept), install JupyterLab
+	$(VENV)/bin/jupytext --update --set-kernel python3 --to ipynb lessons/[0-9][0-9]_*.py
+
+lab: notebooks  ## open the lesson notebooks in JupyterLab (its flags: ARGS="--port=8889 ...")
+	$(VENV)/bin/jupyter lab lessons $(ARGS)
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(VENV)/bin/ruff check minivseg tests lessons

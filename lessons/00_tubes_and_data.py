@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
+import minivseg
 from minivseg.synthetic import generate_sequence
 from minivseg.visualize import overlay, plot_tubes, strip
 
@@ -278,14 +279,14 @@ def decode_rgb(rgb):
 for t in range(T):  # round trip on the clip
     assert np.array_equal(decode_rgb(encode_rgb(panoptic[t])), panoptic[t])
 
-root = Path.cwd() if (Path.cwd() / "data_samples").is_dir() else Path.cwd().parent
-label_path = root / "data_samples" / "panoptic_maps" / "val" / "0002" / "000005.png"
+DATA_SAMPLES = Path(minivseg.__file__).resolve().parents[1] / "data_samples"  # from any directory
+label_path = DATA_SAMPLES / "panoptic_maps" / "val" / "0002" / "000005.png"
 with Image.open(label_path) as png:
     assert png.mode == "RGB"
     file_rgb = np.asarray(png)
 ours = decode_rgb(file_rgb)
 assert np.array_equal(encode_rgb(ours), file_rgb)  # encoding gives back the stored bytes
-print(label_path.relative_to(root), "ids:", np.unique(ours))
+print(label_path.relative_to(DATA_SAMPLES.parent), "ids:", np.unique(ours))
 
 # %% [markdown]
 # Finally, compare our decoder with the package reader, `minivseg.panoptic.read_kitti_step_png`,
@@ -294,7 +295,7 @@ print(label_path.relative_to(root), "ids:", np.unique(ours))
 # %%
 from minivseg.panoptic import read_kitti_step_png, write_kitti_step_png
 
-label_files = sorted((root / "data_samples" / "panoptic_maps").rglob("*.png"))
+label_files = sorted((DATA_SAMPLES / "panoptic_maps").rglob("*.png"))
 for path in label_files:
     with Image.open(path) as png:
         np.testing.assert_array_equal(decode_rgb(np.asarray(png)), read_kitti_step_png(path))

@@ -36,6 +36,7 @@ import os
 import random
 import re
 import tempfile
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -43,6 +44,7 @@ import torch
 from matplotlib.colors import hsv_to_rgb
 from scipy import ndimage
 
+import minivseg
 from minivseg.config import apply_overrides, demo, kitti, parse_args
 from minivseg.data import KittiStepClips, collate_clips
 from minivseg.evaluate import (
@@ -68,6 +70,7 @@ from minivseg.tubeformer import PRESETS as MODEL_PRESETS
 from minivseg.tubeformer import build_model
 from minivseg.visualize import compare, overlay
 
+DATA_SAMPLES = Path(minivseg.__file__).resolve().parents[1] / "data_samples"  # from any directory
 STEPS = int(os.environ.get("MINIVSEG_LESSON_STEPS", 60))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CLASS_IDS = thing_stuff_class_ids()  # class-head channel k predicts dataset class CLASS_IDS[k]
@@ -88,7 +91,7 @@ CLASS_IDS = thing_stuff_class_ids()  # class-head channel k predicts dataset cla
 # %%
 cfg = dataclasses.replace(
     demo(),
-    data="data_samples",
+    data=str(DATA_SAMPLES),
     crop_size=(65, 209),
     max_steps=STEPS,
     warmup_steps=max(1, STEPS // 6),
@@ -97,7 +100,7 @@ cfg = dataclasses.replace(
 )
 command = [
     "--preset=demo",
-    "--data=data_samples",
+    f"--data={DATA_SAMPLES}",
     "--crop_size=65,209",
     f"--max_steps={STEPS}",
     f"--warmup_steps={cfg.warmup_steps}",

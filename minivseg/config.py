@@ -55,7 +55,8 @@ class TrainConfig:
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     # bookkeeping
     out_dir: str = "runs/demo"  # checkpoints, logs, curves
-    resume: bool = False  # continue from OUT_DIR/last.pt
+    resume: bool = False  # continue from the newest complete checkpoint in OUT_DIR
+    overwrite: bool = False  # a run without --resume deletes OUT_DIR's checkpoints and log first
     log_every: int = 10  # steps between JSONL log lines
     checkpoint_every: int = 100  # steps between checkpoints
     eval_every: int = 0  # steps between evaluations (0: only at the end)

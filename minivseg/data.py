@@ -42,6 +42,10 @@ from minivseg.panoptic import (
 IMAGE_PAD_VALUE = 127.5  # deeplab2 pads images with the mean, which normalises to 0
 
 
+class DatasetError(ValueError):
+    """A dataset file or folder that cannot be read as KITTI-STEP; the message names it."""
+
+
 def read_image(path) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB; ``ValueError`` naming the file if it cannot be decoded.
 
@@ -56,16 +60,19 @@ def read_image(path) -> np.ndarray:
                 return np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, axis=-1)
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as error:
-        raise ValueError(f"{path}: cannot read image: {error}") from error
+        raise DatasetError(f"{path}: cannot read image: {error}") from error
 
 
 def read_label(path, num_classes: int = NUM_CLASSES) -> np.ndarray:
     """GT panoptic ``(H, W)``; raises naming the file for a class neither in 0..K-1 nor void."""
-    panoptic = read_kitti_step_png(path)
+    try:
+        panoptic = read_kitti_step_png(path)
+    except ValueError as error:
+        raise DatasetError(str(error)) from error
     semantic = semantic_of(panoptic)
     bad = np.unique(semantic[(semantic >= num_classes) & (semantic != IGNORE_LABEL)])
     if bad.size:
-        raise ValueError(f"{path}: semantic ids {bad[:5].tolist()} are neither a class"
+        raise DatasetError(f"{path}: semantic ids {bad[:5].tolist()} are neither a class"
                          f" (0..{num_classes - 1}) nor void ({IGNORE_LABEL})")  # fmt: skip
     return panoptic
 
@@ -78,7 +85,7 @@ def check_frame(image_path: Path, label_path: Path | None, num_classes: int = NU
         return counts
     panoptic = read_label(label_path, num_classes)
     if panoptic.shape != image.shape[:2]:
-        raise ValueError(
+        raise DatasetError(
             f"{label_path}: label size {panoptic.shape} differs from image size "
             f"{image.shape[:2]} of {image_path}"
         )
@@ -105,7 +112,7 @@ def index_split(root, split: str, labels: bool = True, num_classes: int = NUM_CL
     root = Path(root)
     image_dir, label_dir = root / "images" / split, root / "panoptic_maps" / split
     if not image_dir.is_dir():
-        raise ValueError(f"{image_dir}: split {split!r} not found (expected SEQ/*.png frames)")
+        raise DatasetError(f"{image_dir}: split {split!r} not found (expected SEQ/*.png frames)")
     sequences = {}
     jobs = []
     for seq_dir in sorted(p for p in image_dir.iterdir() if p.is_dir()):
@@ -116,15 +123,15 @@ def index_split(root, split: str, labels: bool = True, num_classes: int = NUM_CL
         for frame in frames:
             label = label_dir / seq_dir.name / f"{frame}.png" if labels else None
             if label is not None and not label.is_file():
-                raise ValueError(f"{seq_dir / (frame + '.png')}: no panoptic map at {label}")
+                raise DatasetError(f"{seq_dir / (frame + '.png')}: no panoptic map at {label}")
             jobs.append((seq_dir / f"{frame}.png", label))
     if not sequences:
-        raise ValueError(f"{image_dir}: split {split!r} is empty (no SEQ/*.png frames)")
+        raise DatasetError(f"{image_dir}: split {split!r} is empty (no SEQ/*.png frames)")
     if labels:
         for seq_dir in sorted(p for p in label_dir.iterdir() if p.is_dir()):
             for label in sorted(seq_dir.glob("*.png")):
                 if label.stem not in set(sequences.get(seq_dir.name, ())):
-                    raise ValueError(f"{label}: panoptic map without an image in {image_dir}")
+                    raise DatasetError(f"{label}: panoptic map without an image in {image_dir}")
     if not decode:
         return sequences, None
     with ThreadPoolExecutor(max_workers=4) as pool:

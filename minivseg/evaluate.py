@@ -313,10 +313,12 @@ def predict_folder(model, cfg: TrainConfig, folder: Path, out: Path, device, thr
 
 
 def load_model(checkpoint_path, device="cpu"):
-    """Rebuild the model from the config stored in a training checkpoint."""
+    """Rebuild the model from the config stored in a training checkpoint; a file that is not one
+    raises a ValueError naming the file and what is wrong with it."""
+    from minivseg.checkpoint import MODEL_KEYS, load_checkpoint
     from minivseg.train import build_task
 
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(checkpoint_path, MODEL_KEYS)
     stored, known = checkpoint["config"], {f.name for f in dataclasses.fields(TrainConfig)}
     if set(stored) - known:  # a checkpoint from another version: fields it no longer has
         print(f"warning: {checkpoint_path}: ignoring config fields {sorted(set(stored) - known)}")
@@ -355,7 +357,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"error: {args.checkpoint}: no such checkpoint")
-    model, cfg = load_model(args.checkpoint, args.device)
+    try:
+        model, cfg = load_model(args.checkpoint, args.device)
+    except ValueError as error:  # not a checkpoint, or one with a config this version rejects
+        raise SystemExit(f"error: {error}") from None
     if cfg.threads > 0:  # the thread count the model was trained with (see TrainConfig.threads)
         torch.set_num_threads(cfg.threads)
     thresholds = {"class_threshold": args.class_threshold, "pixel_threshold": args.pixel_threshold}

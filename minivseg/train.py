@@ -1,15 +1,15 @@
-"""Training loop: ``python -m minivseg.train --preset NAME [--field=value ...]``.
-
-Presets are in `minivseg.config`. Reads top to bottom: setup → data → model and loss → optimizer
-and schedule → resume → loop with logging, checkpoints and evaluation. Multi-GPU is ``torchrun
---nproc_per_node=K -m minivseg.train`` (DistributedDataParallel, sync BN on CUDA). Everything lives
-in ``main(cfg)`` so tests can run two steps. Resuming (``--resume``) restores model, optimizer,
-schedule, step and RNG states; the data order is a pure function of (seed, step), so a resumed run
-sees exactly the batches it would have.
+"""Training loop: ``python -m minivseg.train --preset NAME [--field=value ...]`` (presets and
+fields: `minivseg.config`). Reads top to bottom: setup → data → model and loss → optimizer and
+schedule → resume → loop with logging, checkpoints and evaluation. Multi-GPU is ``torchrun
+--nproc_per_node=K -m minivseg.train`` (DDP, sync BN on CUDA). Everything lives in ``main(cfg)`` so
+tests can run two steps. ``--resume`` restores model, optimizer, schedule, step and RNG states from
+the newest complete checkpoint (`minivseg.checkpoint`) and cuts the log back to that step; the data
+order is a pure function of (seed, step), so a resumed run sees exactly the batches it would have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from minivseg import checkpoint, data
 from minivseg.config import TrainConfig, apply_overrides, parse_args
 from minivseg.data import KittiStepClips, ResumableSampler, collate_clips, worker_init_fn
 from minivseg.dual_path import batch_norm_buffers
@@ -162,47 +163,44 @@ def train_mode(model, freeze_batchnorm: bool) -> None:
                 module.eval()
 
 
-def rng_state() -> dict:
-    state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [state[0], torch.from_numpy(state[1].astype(np.int64)), *state[2:]],
-        "python": random.getstate(),
-    }
+def log_line(row: dict) -> str:
+    """A strict JSON line: NaN and infinities, which JSON lacks, become null."""
+    plain = json.loads(json.dumps(row), parse_constant=lambda name: None)  # NaN, Infinity: None
+    return json.dumps(plain, allow_nan=False) + "\n"
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(state["python"])
+def read_log(log_path: Path) -> list[dict]:
+    """The rows of the JSONL log; a malformed line (a kill or a full disk mid-write) is skipped."""
+    rows = []
+    for line in log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return [row for row in rows if isinstance(row, dict) and isinstance(row.get("step"), int)]
 
 
-def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Atomic write: temp file, keep the previous checkpoint as prev.pt, then rename."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
-    if path.exists():
-        os.replace(path, path.with_name("prev.pt"))
-    os.replace(tmp, path)
+def cut_log(log_path: Path, step: int) -> None:
+    """Keep the well-formed rows up to ``step``: a resumed run logs the later steps again."""
+    kept = [log_line(row) for row in read_log(log_path) if row["step"] <= step]
+    log_path.with_suffix(".tmp").write_text("".join(kept))
+    os.replace(log_path.with_suffix(".tmp"), log_path)
 
 
 def plot_losses(log_path: Path, out_path: Path) -> None:
-    """Loss-curve PNG from the JSONL log (a bare Figure: no pyplot, no backend switch)."""
+    """Loss-curve PNG: logged losses faint, a moving average on top (bare Figure, no pyplot)."""
     from matplotlib.figure import Figure
 
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if '"loss"' in line]
+    rows = [r for r in read_log(log_path) if isinstance(r.get("loss"), (int, float))]
     if not rows:
         return
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="total")
+    steps, losses = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
+    window = max(1, len(rows) // 10)
+    average = np.convolve(losses, np.ones(window) / window, mode="valid")
+    ax = Figure(figsize=(7, 4)).subplots()
+    ax.plot(steps, losses, color="C0", alpha=0.3, linewidth=1, label="total loss")
+    ax.plot(steps[window - 1 :], average, "C0", label=f"moving average of {window} log lines")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=log_path.parent.name)
     ax.legend()
-    fig.savefig(out_path, dpi=100, bbox_inches="tight")
+    ax.figure.savefig(out_path, dpi=100, bbox_inches="tight")
 
 
 def progress(step: int, cfg: TrainConfig, loss: float, start_time: float, start_step: int) -> None:
@@ -237,6 +235,8 @@ def main(cfg: TrainConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, log_path = out_dir / "last.pt", out_dir / "log.jsonl"
     is_main = rank == 0
+    if not cfg.resume and (note := checkpoint.start_fresh(out_dir, cfg.overwrite, remove=is_main)):
+        print(note)
 
     # --- data ----------------------------------------------------------------------------------
     clip_length = cfg.clip_length + (1 if cfg.temporal_consistency > 0 else 0)
@@ -269,19 +269,14 @@ def main(cfg: TrainConfig) -> dict:
 
     # --- resume --------------------------------------------------------------------------------
     step, nonfinite_in_a_row, skipped_steps = 0, 0, 0
-    if cfg.resume and checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
-        step, skipped_steps = checkpoint["step"], checkpoint["skipped_steps"]
-        set_rng_state(
-            checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0]
-        )
+    if cfg.resume:
+        found = checkpoint.find_resume(out_dir)  # the newest complete checkpoint, or none
+        if distributed:
+            dist.barrier()  # every process has read the files before rank 0 renames them
         if is_main:
-            print(f"resumed from {checkpoint_path} at step {step}")
-    elif cfg.resume and is_main:
-        print(f"--resume: no checkpoint at {checkpoint_path}, starting from scratch")
+            print(checkpoint.adopt(found))  # it is last.pt now; the next save moves it to prev.pt
+            cut_log(log_path, found.step)
+        step, skipped_steps = found.restore(model, optimizer, schedule, rank)
 
     samples_per_step = cfg.batch_size * cfg.accumulate * world
     sampler = ResumableSampler(len(dataset), cfg.seed, step * samples_per_step, rank, world)
@@ -359,14 +354,14 @@ def main(cfg: TrainConfig) -> dict:
                 last = {"step": step, "loss": loss_value, "lr": schedule.get_last_lr()[0],
                         "grad_norm": grad_norm_value, **terms_sum}  # fmt: skip
                 with log_path.open("a") as log:
-                    log.write(json.dumps({**last, "time": time.time() - start_time}) + "\n")
+                    log.write(log_line({**last, "time": time.time() - start_time}))
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            states = [rng_state()]
+            states = [checkpoint.rng_state()]
             if distributed:
                 states = [None] * world
-                dist.all_gather_object(states, rng_state())
+                dist.all_gather_object(states, checkpoint.rng_state())
             if is_main:
-                save_checkpoint(checkpoint_path, {
+                checkpoint.save_checkpoint(out_dir, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(), "step": step, "rng": states,
                     "config": dataclasses.asdict(cfg), "skipped_steps": skipped_steps,
@@ -383,7 +378,7 @@ def main(cfg: TrainConfig) -> dict:
                 print(f"warning: evaluation at step {step} failed: {error!r}", file=sys.stderr)
                 row = {"eval_error": repr(error)}
             with log_path.open("a") as log:
-                log.write(json.dumps({"step": step, **row}) + "\n")
+                log.write(log_line({"step": step, **row}))
             train_mode(model, cfg.freeze_batchnorm)
     if is_main and sys.stderr.isatty():
         print(file=sys.stderr)
@@ -397,4 +392,8 @@ if __name__ == "__main__":
         config = parse_args(sys.argv[1:])
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    main(config)
+    try:
+        main(config)
+    except (checkpoint.CheckpointError, data.DatasetError) as error:  # bad data, used out_dir
+        print(f"error: {error}", file=sys.stderr)  # the message alone, exit status 2
+        sys.exit(2)

@@ -4,6 +4,9 @@ import dataclasses
 import json
 import math
 import os
+import runpy
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -375,3 +378,146 @@ def test_vistr_official_recipe_and_step_decay(tmp_path):
     assert [train_module.lr_factor(step, shorter) for step in (99, 100)] == [1.0, 0.1]
     result = train_module.main(small("vistr_official", tmp_path, lr_drop=0.5))
     assert result["step"] == 2 and math.isfinite(result["loss"])
+
+
+class Killed(BaseException):
+    """Stands for ``kill -9`` inside a checkpoint write."""
+
+
+def not_json(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def log_steps(out_dir) -> list[int]:
+    """The steps of the log's rows, each of which must be strict JSON."""
+    lines = (Path(out_dir) / "log.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=not_json)["step"] for line in lines]
+
+
+def run_cli(monkeypatch, *args):
+    """``python -m minivseg.train ARGS`` in this process."""
+    monkeypatch.setattr(sys, "argv", ["minivseg.train", *args])
+    with warnings.catch_warnings():  # runpy: the module is already imported
+        warnings.simplefilter("ignore", RuntimeWarning)
+        runpy.run_module("minivseg.train", run_name="__main__")
+
+
+def test_a_kill_between_the_checkpoint_renames_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """Killed after last.pt -> prev.pt and before last.tmp -> last.pt: --resume continues from
+    the complete last.tmp (not from scratch, not from prev.pt), bit for bit, and logs each step
+    once."""
+    cfg = small("demo", tmp_path / "full", max_steps=4)
+    full = weights(train_module.main(cfg)["model"])
+    killed = dataclasses.replace(cfg, out_dir=str(tmp_path / "killed"))
+    real_replace, renames = os.replace, []
+
+    def dying_replace(source, target):
+        renames.append(Path(target).name)
+        if renames.count("last.pt") == 2:  # the step-2 save, after last.pt -> prev.pt
+            raise Killed
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(Killed):
+        train_module.main(killed)
+    monkeypatch.setattr(os, "replace", real_replace)
+    out_dir = tmp_path / "killed"
+    assert (out_dir / "last.tmp").is_file() and not (out_dir / "last.pt").exists()
+    capsys.readouterr()
+    resumed = train_module.main(dataclasses.replace(killed, resume=True))
+    assert f"resuming from {out_dir / 'last.tmp'} (step 2)" in capsys.readouterr().out
+    for name, value in weights(resumed["model"]).items():
+        torch.testing.assert_close(value, full[name], rtol=0, atol=0, msg=name)
+    assert log_steps(out_dir) == [1, 2, 3, 4]
+    steps = [torch.load(out_dir / n, weights_only=True)["step"] for n in ("last.pt", "prev.pt")]
+    assert steps == [4, 3] and not (out_dir / "last.tmp").exists()
+
+
+def test_resume_past_a_truncated_last_pt_cuts_the_log_back(tmp_path, capsys):
+    cfg = small("demo", tmp_path, max_steps=2)
+    uninterrupted = weights(train_module.main(cfg)["model"])
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[: len(data) // 3])
+    capsys.readouterr()
+    resumed = train_module.main(dataclasses.replace(cfg, resume=True))
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"resuming from {tmp_path / 'prev.pt'} (step 1): last.pt is truncated")
+    assert "weights_only" not in line and (tmp_path / "last.pt.bad").is_file()
+    for name, value in weights(resumed["model"]).items():
+        torch.testing.assert_close(value, uninterrupted[name], rtol=0, atol=0, msg=name)
+    assert log_steps(tmp_path) == [1, 2]  # the step-2 row of the first run is gone
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n" + bytes(32)], ids=["empty", "png"])
+def test_resume_from_a_file_that_is_no_checkpoint_stops_with_one_line(
+    tmp_path, monkeypatch, content
+):
+    (tmp_path / "last.pt").write_bytes(content)
+    args = [f"--data={SAMPLES}", f"--out_dir={tmp_path}", "--resume", "--device=cpu"]
+    with pytest.raises(SystemExit) as error:
+        run_cli(monkeypatch, *args)
+    message = str(error.value)
+    assert message.startswith(f"error: --resume: no complete checkpoint in {tmp_path}: last.pt ")
+    assert ("is empty" if not content else "a PNG image") in message
+    assert "weights_only" not in message and "\n" not in message
+
+
+def test_a_fresh_run_into_a_used_out_dir_refuses_unless_overwrite(tmp_path, monkeypatch, capsys):
+    cfg = small("demo", tmp_path, max_steps=2)
+    train_module.main(cfg)
+    with pytest.raises(SystemExit, match=r"error: .* holds another run \(last.pt, prev.pt, log"):
+        run_cli(monkeypatch, f"--data={SAMPLES}", f"--out_dir={tmp_path}", "--device=cpu")
+    with pytest.raises(ValueError, match="pass --resume to continue it or --overwrite"):
+        train_module.main(cfg)
+    capsys.readouterr()
+    train_module.main(dataclasses.replace(cfg, max_steps=1, overwrite=True))
+    assert "--overwrite: removed last.pt, prev.pt, log.jsonl" in capsys.readouterr().out
+    assert log_steps(tmp_path) == [1] and not (tmp_path / "prev.pt").exists()
+
+
+def test_checkpoint_before_the_first_log_line_and_a_truncated_log_line(tmp_path):
+    cfg = small("demo", tmp_path, max_steps=2, log_every=25)  # checkpoint at step 1, no log yet
+    train_module.main(cfg)
+    assert log_steps(tmp_path) == [2]
+    with (tmp_path / "log.jsonl").open("a") as log:
+        log.write('{"step": 3, "loss": 0.5, "lr"')  # cut short by a full disk
+    train_module.plot_losses(tmp_path / "log.jsonl", tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    train_module.main(dataclasses.replace(cfg, max_steps=3, resume=True))
+    assert log_steps(tmp_path) == [2, 3]
+
+
+def test_the_log_is_strict_json_and_the_curve_is_smoothed(tmp_path, monkeypatch):
+    line = train_module.log_line({"step": 1, "loss": math.nan, "eval": {"VPQ": math.inf}})
+    assert json.loads(line) == {"step": 1, "loss": None, "eval": {"VPQ": None}}
+    log = tmp_path / "log.jsonl"
+    train_module.plot_losses(log, tmp_path / "curve.png")  # no log yet: nothing to draw
+    assert not (tmp_path / "curve.png").exists()
+    rows = [{"step": s, "loss": 1.0 + (s % 2)} for s in range(1, 41)]
+    log.write_text("".join(map(train_module.log_line, rows)) + line + "not json\n")
+    from matplotlib.figure import Figure
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *a, **k: drawn.append(figure))
+    train_module.plot_losses(log, tmp_path / "curve.png")
+    ((raw, average),) = [figure.axes[0].get_lines() for figure in drawn]
+    assert len(raw.get_xdata()) == 40 and raw.get_alpha() < 1
+    assert average.get_label() == "moving average of 4 log lines" and len(average.get_xdata()) == 37
+    assert set(average.get_ydata()) == {1.5}  # the alternating loss, averaged
+
+
+def test_a_data_error_in_training_is_one_line_with_exit_status_2(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    shutil.copytree(SAMPLES, root, ignore=shutil.ignore_patterns("*.md"))
+    broken = sorted((root / "images" / "train").rglob("*.png"))[3]
+    broken.write_bytes(b"not a png")
+    command = [sys.executable, "-m", "minivseg.train", "--preset=demo", f"--data={root}",
+               f"--out_dir={tmp_path / 'run'}", "--max_steps=1", "--num_workers=0"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {broken}: cannot read image")
