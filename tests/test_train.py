@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import runpy
 import sys
 import warnings
@@ -450,13 +451,14 @@ def test_resume_past_a_truncated_last_pt_cuts_the_log_back(tmp_path, capsys):
 
 @pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n" + bytes(32)], ids=["empty", "png"])
 def test_resume_from_a_file_that_is_no_checkpoint_stops_with_one_line(
-    tmp_path, monkeypatch, content
+    tmp_path, monkeypatch, capsys, content
 ):
     (tmp_path / "last.pt").write_bytes(content)
     args = [f"--data={SAMPLES}", f"--out_dir={tmp_path}", "--resume", "--device=cpu"]
     with pytest.raises(SystemExit) as error:
         run_cli(monkeypatch, *args)
-    message = str(error.value)
+    message = capsys.readouterr().err.strip()
+    assert error.value.code == 2
     assert message.startswith(f"error: --resume: no complete checkpoint in {tmp_path}: last.pt ")
     assert ("is empty" if not content else "a PNG image") in message
     assert "weights_only" not in message and "\n" not in message
@@ -465,8 +467,11 @@ def test_resume_from_a_file_that_is_no_checkpoint_stops_with_one_line(
 def test_a_fresh_run_into_a_used_out_dir_refuses_unless_overwrite(tmp_path, monkeypatch, capsys):
     cfg = small("demo", tmp_path, max_steps=2)
     train_module.main(cfg)
-    with pytest.raises(SystemExit, match=r"error: .* holds another run \(last.pt, prev.pt, log"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as error:
         run_cli(monkeypatch, f"--data={SAMPLES}", f"--out_dir={tmp_path}", "--device=cpu")
+    assert error.value.code == 2
+    assert re.match(r"error: .* holds another run \(last.pt, prev.pt, log", capsys.readouterr().err)
     with pytest.raises(ValueError, match="pass --resume to continue it or --overwrite"):
         train_module.main(cfg)
     capsys.readouterr()
