@@ -386,8 +386,9 @@ def main(argv=None) -> dict:
         print_table(metrics)
     if out is not None and metrics:
         out.mkdir(parents=True, exist_ok=True)
-        stored = {k: None if math.isnan(v) else v for k, v in metrics.items()}  # NaN: null
-        (out / "metrics.json").write_text(json.dumps(stored, indent=2))
+        from minivseg.metrics import to_json
+
+        (out / "metrics.json").write_text(json.dumps(to_json(metrics), indent=2))  # NaN: null
     if out is not None:
         print(f"predictions and overlays{' and metrics.json' if metrics else ''} in {out}")
     return metrics

@@ -507,14 +507,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _to_json(value):
-    """Plain JSON values: NaN becomes null, dict keys become strings."""
+def to_json(value):
+    """Strict JSON values: NaN and infinities (which JSON lacks) become null, keys strings."""
     if isinstance(value, dict):
-        return {str(key): _to_json(item) for key, item in value.items()}
+        return {str(key): to_json(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_to_json(item) for item in value]
+        return [to_json(item) for item in value]
     if isinstance(value, float | np.floating):
-        return None if math.isnan(value) else float(value)
+        return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     return value
@@ -537,7 +537,7 @@ def main(argv=None) -> int:
         return 2
     print(format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(_to_json(result), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(to_json(result), indent=2) + "\n")
     return 0
 
 

@@ -30,6 +30,7 @@ from minivseg import checkpoint, data
 from minivseg.config import TrainConfig, apply_overrides, parse_args
 from minivseg.data import KittiStepClips, ResumableSampler, collate_clips, worker_init_fn
 from minivseg.dual_path import batch_norm_buffers
+from minivseg.metrics import to_json
 from minivseg.panoptic import IGNORE_LABEL, LABEL_DIVISOR
 
 
@@ -165,8 +166,7 @@ def train_mode(model, freeze_batchnorm: bool) -> None:
 
 def log_line(row: dict) -> str:
     """A strict JSON line: NaN and infinities, which JSON lacks, become null."""
-    plain = json.loads(json.dumps(row), parse_constant=lambda name: None)  # NaN, Infinity: None
-    return json.dumps(plain, allow_nan=False) + "\n"
+    return json.dumps(to_json(row), allow_nan=False) + "\n"
 
 
 def read_log(log_path: Path) -> list[dict]:
