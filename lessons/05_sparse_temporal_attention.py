@@ -383,7 +383,7 @@ print(f"output {tuple(out.shape)}, fraction of positions updated: {changed:.2f}"
 # Load the lesson layer's weights into `minivseg.sparse_temporal.SparseTemporalTransformer` with
 # `strict=True` and compare outputs, sparse and dense. The package also has `STTSegmenter`:
 # a small dilated ResNet encoder, this layer, and a PSP decoder, with `use_stt=False` for the
-# per-frame baseline and `predict_video` for cached frame-by-frame inference.
+# per-frame baseline and `semantic_video` for cached frame-by-frame inference.
 
 # %%
 from minivseg.sparse_temporal import SparseTemporalTransformer, STTSegmenter
@@ -404,4 +404,4 @@ print("lesson layer matches minivseg.sparse_temporal (sparse and dense)")
 model = STTSegmenter(num_classes=19, num_key_frames=3, width=8)
 clip = torch.from_numpy(frames[1:]).permute(0, 3, 1, 2)[None].float()  # (1, T+1, 3, H, W)
 print("STTSegmenter logits:", tuple(model(clip)["semantic_logits"].shape))
-print("predict_video labels:", tuple(model.predict_video(clip[0]).shape))
+print("semantic_video labels:", tuple(model.semantic_video(clip[0]).shape))

@@ -47,13 +47,7 @@ from scipy import ndimage
 import minivseg
 from minivseg.config import apply_overrides, demo, kitti, parse_args
 from minivseg.data import KittiStepClips, collate_clips
-from minivseg.evaluate import (
-    evaluate_model,
-    pad_frames,
-    predict_video,
-    print_table,
-    read_sequence,
-)
+from minivseg.evaluate import evaluate_model, print_table, read_sequence
 from minivseg.inference import clip_inference
 from minivseg.panoptic import (
     CLASS_COLORS,
@@ -64,6 +58,7 @@ from minivseg.panoptic import (
     relabel,
     thing_stuff_class_ids,
 )
+from minivseg.tasks import pad_frames, predict_video
 from minivseg.train import load_pretrained_backbone
 from minivseg.tube_loss import TubeLoss, default_loss_config
 from minivseg.tubeformer import PRESETS as MODEL_PRESETS
@@ -668,7 +663,7 @@ for name, mib in memory.items():
 # and check that it gives the same outputs as our model.
 
 # %%
-from minivseg.evaluate import load_model
+from minivseg.tasks import load_model
 from minivseg.train import main as package_main
 
 with tempfile.TemporaryDirectory() as out_dir:

@@ -23,31 +23,25 @@ sequences, per-pixel and per-mask for TubeFormer, and through its own stitching 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from minivseg.config import TrainConfig
 from minivseg.data import (
-    IMAGE_PAD_VALUE,
     frame_tensor,
     index_split,
     read_image,
     read_label,
 )
 from minivseg.panoptic import (
-    IGNORE_LABEL,
     LABEL_DIVISOR,
     NUM_CLASSES,
-    THING_CLASSES,
     VIDEO_LABEL_DIVISOR,
     VOID_ID,
     frame_order,
@@ -55,109 +49,9 @@ from minivseg.panoptic import (
     relabel,
     write_kitti_step_png,
 )
-from minivseg.stitching import VideoStitcher, sliding_clips
+from minivseg.tasks import load_model, predict_frames, task_classes
 
-VIDEO_VOID = IGNORE_LABEL * VIDEO_LABEL_DIVISOR  # void in predicted videos
 GIF_FRAMES, GIF_WIDTH = 200, 640  # an overlay GIF shows at most this many frames, this wide
-
-
-def padded_size(length: int, stride: int = 16) -> int:
-    """Smallest ``k * stride + 1`` that is at least ``length``."""
-    return math.ceil((length - 1) / stride) * stride + 1
-
-
-def pad_frames(frames: torch.Tensor) -> torch.Tensor:
-    """Pad ``(..., 3, H, W)`` bottom/right with the image mean to the next 16k+1 size."""
-    height, width = frames.shape[-2:]
-    pad = (0, padded_size(width) - width, 0, padded_size(height) - height)
-    return F.pad(frames, pad, value=IMAGE_PAD_VALUE)
-
-
-@torch.no_grad()
-def tubeformer_frames(model, frames, num_frames, clip_length, thresholds=None, fill_void=False,
-                      masks=False, scores=None):  # fmt: skip
-    """Stream TubeFormer predictions: yields one dict per frame, in order, as frames are final.
-
-    ``panoptic`` (H, W) video ids of per-pixel inference; ``semantic`` (H, W) class ids (no
-    thresholds, for mIoU); with ``masks``, ``mask`` (H, W) video ids of per-mask inference. A
-    frame's labels come from the newest clip that covers it, like its track id. ``scores``: a
-    dict that receives {mode: {track id: score}} once the stream is exhausted (video AP).
-    """
-    from minivseg.inference import class_predictions, clip_inference
-
-    class_ids, thing_classes = model.thing_stuff_class_ids, tuple(model.cfg.thing_classes)
-    options = {**(thresholds or {}), "thing_classes": thing_classes}
-    modes = ("pixel", "mask") if masks else ("pixel",)
-    stitchers = {m: VideoStitcher(clip_length, 1, thing_classes, num_frames=num_frames)
-                 for m in modes}  # fmt: skip
-    semantic = {}  # frame -> class map of the newest clip covering it
-
-    def final(done):
-        for i, (t, pan) in enumerate(done["pixel"]):
-            sem = semantic.pop(t)
-            if fill_void:  # a void prediction is always an error for STQ: give it a class
-                pan = np.where(pan == VIDEO_VOID, sem * VIDEO_LABEL_DIVISOR, pan)
-            yield {"panoptic": pan, "semantic": sem} | (
-                {"mask": done["mask"][i][1]} if masks else {}
-            )
-
-    for starts, clips, _ in sliding_clips(frames, num_frames, clip_length):
-        height, width = clips.shape[-2:]
-        outputs = model(pad_frames(clips))  # one model pass per window, for every use below
-        size = (padded_size(height), padded_size(width))
-        found = {
-            m: clip_inference(outputs, size, class_ids, m, **(options if m != "semantic" else {}))
-            for m in (*modes, "semantic")
-        }
-        found = {m: clip[0][..., :height, :width].cpu() for m, clip in found.items()}
-        label, confidence = class_predictions(outputs["class_logits"][0])
-        slot_ids = torch.as_tensor(class_ids)[label.cpu()] * LABEL_DIVISOR + 1
-        slot_scores = dict(zip((slot_ids + torch.arange(len(label))).tolist(), confidence.tolist()))
-        for t, frame in enumerate(found["semantic"].numpy()[: num_frames - starts[0]]):
-            semantic[starts[0] + t] = frame  # padding frames (past the end) are not kept
-        yield from final({m: stitchers[m].add(found[m], slot_scores) for m in modes})
-    yield from final({m: stitchers[m].finish() for m in modes})
-    if scores is not None:
-        scores.update({mode: stitcher.scores() for mode, stitcher in stitchers.items()})
-
-
-def predict_frames(model, cfg: TrainConfig, frames, num_frames, fill_void=False, thresholds=None,
-                   masks=False, scores=None):  # fmt: skip
-    """Stream any task's predictions: one dict per frame with ``panoptic`` (video ids) and
-    ``semantic``; TubeFormer adds ``mask`` with ``masks``. ``scores`` receives the track scores
-    ({mode: {track id: score}}, modes "pixel"/"mask" or "vistr") when the stream ends.
-
-    ``thresholds``: TubeFormer's ``class_threshold`` / ``pixel_threshold`` (deeplab2: 0.7 / 0.4).
-    """
-    if cfg.task == "tubeformer":
-        yield from tubeformer_frames(model, frames, num_frames, cfg.clip_length, thresholds,
-                                     fill_void, masks, scores)  # fmt: skip
-    elif cfg.task == "stt":
-        for labels in model.predict_frames(frames):
-            labels = labels.cpu().numpy()
-            yield {"panoptic": labels * VIDEO_LABEL_DIVISOR, "semantic": labels}
-    else:
-        from minivseg.vistr import predict_frames as vistr_frames
-
-        found = {}
-        for panoptic in vistr_frames(model, frames, num_frames, scores=found):
-            yield {"panoptic": panoptic, "semantic": panoptic // VIDEO_LABEL_DIVISOR}
-        if scores is not None:
-            scores["vistr"] = found["vistr"]
-
-
-def predict_video(model, cfg: TrainConfig, frames, fill_void=False, thresholds=None):
-    """Panoptic ``(F, H, W)`` video ids and semantic ``(F, H, W)`` of a whole ``(F, 3, H, W)``
-    video in memory (`predict_frames` for long videos)."""
-    results = list(predict_frames(model, cfg, frames, len(frames), fill_void, thresholds))
-    return tuple(np.stack([r[key] for r in results]) for key in ("panoptic", "semantic"))
-
-
-def task_classes(model) -> tuple[int, tuple[int, ...]]:
-    """(number of classes, thing classes) a model predicts, from its own config."""
-    cfg = getattr(model, "cfg", None)
-    num_classes = getattr(cfg, "num_classes", None) or getattr(model, "num_classes", NUM_CLASSES)
-    return num_classes, tuple(getattr(cfg, "thing_classes", THING_CLASSES))
 
 
 def read_sequence(root: Path, split: str, sequence: str, names: list[str], labels: bool):
@@ -310,23 +204,6 @@ def predict_folder(model, cfg: TrainConfig, folder: Path, out: Path, device, thr
         writer.add(t, pred["panoptic"])
     writer.close()
     print(f"predictions and overlay GIF for {len(paths)} frames in {out}")
-
-
-def load_model(checkpoint_path, device="cpu"):
-    """Rebuild the model from the config stored in a training checkpoint; a file that is not one
-    raises a ValueError naming the file and what is wrong with it."""
-    from minivseg.checkpoint import MODEL_KEYS, load_checkpoint
-    from minivseg.train import build_task
-
-    checkpoint = load_checkpoint(checkpoint_path, MODEL_KEYS)
-    stored, known = checkpoint["config"], {f.name for f in dataclasses.fields(TrainConfig)}
-    if set(stored) - known:  # a checkpoint from another version: fields it no longer has
-        print(f"warning: {checkpoint_path}: ignoring config fields {sorted(set(stored) - known)}")
-    stored = {k: v for k, v in stored.items() if k in known}
-    cfg = TrainConfig(**{**stored, "crop_size": tuple(stored["crop_size"])})
-    model, _ = build_task(cfg)
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), cfg
 
 
 def print_table(metrics: dict) -> None:

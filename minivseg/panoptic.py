@@ -81,6 +81,12 @@ def is_crowd(panoptic, thing_classes=THING_CLASSES, label_divisor=LABEL_DIVISOR)
     return np.isin(semantic, thing_classes) & (instance == 0)
 
 
+def tube_ids(panoptic, thing_classes=THING_CLASSES, label_divisor=LABEL_DIVISOR) -> np.ndarray:
+    """Sorted ids of the tubes (thing class, instance > 0) in ``panoptic``; no crowd, no void."""
+    ids = np.unique(np.asarray(panoptic))
+    return ids[np.isin(ids // label_divisor, thing_classes) & (ids % label_divisor > 0)]
+
+
 def frame_order(names) -> list:
     """Names (or paths) in time order: by number when every stem is a number (``2`` before
     ``10``), else as text. Frame names must sort in time order."""

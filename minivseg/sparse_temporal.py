@@ -333,7 +333,7 @@ class STTSegmenter(nn.Module):
         return {"semantic_logits": self.decode(features[:, -1], features[:, :-1], size)}
 
     @torch.no_grad()
-    def predict_frames(self, frames):
+    def semantic_frames(self, frames):
         """Iterable of (3, H, W) frames in [0, 255] -> yields (H, W) int64 labels, frame by frame.
 
         Eval mode (restored when the frames end), the frames' device, bf16 autocast on CUDA. Each
@@ -362,9 +362,9 @@ class STTSegmenter(nn.Module):
         finally:
             self.train(was_training)
 
-    def predict_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (F, 3, H, W) in [0, 255] -> (F, H, W) int64 labels (`predict_frames`)."""
-        return torch.stack(list(self.predict_frames(frames)))
+    def semantic_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (F, 3, H, W) in [0, 255] -> (F, H, W) int64 labels (`semantic_frames`)."""
+        return torch.stack(list(self.semantic_frames(frames)))
 
 
 @dataclass

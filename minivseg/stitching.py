@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from minivseg.panoptic import LABEL_DIVISOR, THING_CLASSES, VIDEO_LABEL_DIVISOR
+from minivseg.panoptic import LABEL_DIVISOR, THING_CLASSES, VIDEO_LABEL_DIVISOR, tube_ids
 
 TRACK_SPACE = 1 << 40  # label divisor of the provisional track ids kept while stitching
 
@@ -79,13 +79,6 @@ def sliding_clips(frames, num_frames: int, clip_length: int, stride: int = 1, ba
             del held[i]
 
 
-def tube_ids(panoptic: np.ndarray, thing_classes=THING_CLASSES, label_divisor=LABEL_DIVISOR):
-    """Sorted panoptic ids of the tubes (thing class, instance > 0) present in ``panoptic``."""
-    ids = np.unique(panoptic)
-    is_tube = np.isin(ids // label_divisor, thing_classes) & (ids % label_divisor > 0)
-    return ids[is_tube]
-
-
 def _index_in(ids: np.ndarray, panoptic: np.ndarray) -> np.ndarray:
     """Index of every pixel's id in the sorted ``ids``, or −1 where its id is not among them."""
     if len(ids) == 0:
@@ -110,7 +103,7 @@ def tube_iou(a_ids, a: np.ndarray, b_ids, b: np.ndarray) -> np.ndarray:
     return intersection / np.maximum(union, 1)
 
 
-def match_tubes(
+def link_tubes(
     shown: np.ndarray,
     clip: np.ndarray,
     thing_classes=THING_CLASSES,
@@ -190,7 +183,7 @@ class VideoStitcher:
         clip = semantic * TRACK_SPACE + instance  # the clip's own ids, in the provisional space
         overlap = self.clip_length - self.stride if self.num_clips else 0
         shown = np.stack([frame for frame, _ in self._pending[:overlap]]) if overlap else clip[:0]
-        links = match_tubes(shown, clip[:overlap], self.thing_classes, TRACK_SPACE, self.min_iou)
+        links = link_tubes(shown, clip[:overlap], self.thing_classes, TRACK_SPACE, self.min_iou)
         clip_ids = tube_ids(clip, self.thing_classes, TRACK_SPACE)
         track_ids = np.empty_like(clip_ids)
         for k, clip_id in enumerate(clip_ids.tolist()):

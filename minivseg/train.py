@@ -23,71 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from minivseg import checkpoint, data
-from minivseg.config import TrainConfig, apply_overrides, parse_args
+from minivseg.config import TrainConfig, parse_args
 from minivseg.data import KittiStepClips, ResumableSampler, collate_clips, worker_init_fn
 from minivseg.dual_path import batch_norm_buffers
 from minivseg.metrics import to_json
-from minivseg.panoptic import IGNORE_LABEL, LABEL_DIVISOR
-
-
-def build_task(cfg: TrainConfig):
-    """Model and loss for the task: ``--model.FIELD=value`` and ``--loss.FIELD=value`` on top
-    of the presets. The loss takes its classes from the model's config, never from constants."""
-    if cfg.task != "tubeformer" and cfg.loss_overrides:
-        raise ValueError(f"--loss.* options apply to the tubeformer task, not {cfg.task!r}")
-    if cfg.task == "tubeformer":
-        from minivseg.tube_loss import TubeLoss, default_loss_config
-        from minivseg.tubeformer import PRESETS as MODEL_PRESETS
-        from minivseg.tubeformer import TubeFormerConfig, build_model
-
-        overrides = apply_overrides(TubeFormerConfig(), cfg.model_overrides, "model.")
-        changed = {k: getattr(overrides, k) for k in cfg.model_overrides}
-        if "aux_heads" in changed:
-            raise ValueError("set deep supervision with --loss.deep_supervision, not --model.")
-        if cfg.grad_checkpointing:
-            changed["gradient_checkpointing"] = True
-        if cfg.model not in MODEL_PRESETS:
-            raise ValueError(f"unknown model preset {cfg.model!r}: {', '.join(MODEL_PRESETS)}")
-        memory_update = changed.get("memory_update", MODEL_PRESETS[cfg.model]().memory_update)
-        loss_cfg = apply_overrides(default_loss_config(memory_update), cfg.loss_overrides, "loss.")
-        model = build_model(cfg.model, aux_heads=loss_cfg.deep_supervision, **changed)
-        argmax = memory_update == "clustering" and model.cfg.clustering_assignment == "argmax"
-        if argmax and not loss_cfg.deep_supervision:  # its assignment would get no gradient
-            raise ValueError("clustering_assignment=argmax learns its assignment only through "
-                             "deep supervision: keep --loss.deep_supervision")  # fmt: skip
-        criterion = TubeLoss(model.cfg.num_classes, model.cfg.thing_classes,
-                             num_slots=model.cfg.num_slots, config=loss_cfg)  # fmt: skip
-        return model, criterion
-    if cfg.task == "stt":
-        from minivseg.sparse_temporal import STTConfig, build_stt
-
-        overrides = apply_overrides(STTConfig(), cfg.model_overrides, "model.")
-        changed = {k: getattr(overrides, k) for k in cfg.model_overrides}
-        changed.setdefault("num_key_frames", cfg.clip_length - 1)  # clip = keys + current frame
-        model = build_stt(cfg.model, **changed)
-        return model, last_frame_semantic_loss
-    if cfg.task == "vistr":
-        from minivseg.vistr import VisTRConfig, VisTRLoss, build_vistr
-
-        overrides = apply_overrides(VisTRConfig(), cfg.model_overrides, "model.")
-        changed = {k: getattr(overrides, k) for k in cfg.model_overrides}
-        changed.setdefault("num_frames", cfg.clip_length)  # queries are laid out per frame
-        model = build_vistr(cfg.model, **changed)
-        return model, VisTRLoss(model.cfg)
-    raise ValueError(f"unknown task {cfg.task!r}: tubeformer, stt or vistr")
-
-
-def last_frame_semantic_loss(outputs, batch):
-    """STT: cross-entropy of the last frame's semantic logits (void and unknown classes ignored)."""
-    logits = outputs["semantic_logits"].float()  # (B, K, H, W)
-    target = (batch["panoptic"][:, -1] // LABEL_DIVISOR).to(logits.device, non_blocking=True)
-    target = torch.where(target < logits.shape[1], target, IGNORE_LABEL)
-    loss = F.cross_entropy(logits, target, ignore_index=IGNORE_LABEL)
-    return loss, {"semantic": loss.detach()}
+from minivseg.tasks import build_task
 
 
 def compute_loss(model, criterion, batch, cfg: TrainConfig):

@@ -606,7 +606,7 @@ def tubes_to_panoptic(tubes, num_frames: int, height: int, width: int) -> np.nda
 
 
 @torch.no_grad()
-def predict_frames(model: VisTR, frames, num_frames: int, stride: int = 1, batch_size: int = 4,
+def instance_frames(model: VisTR, frames, num_frames: int, stride: int = 1, batch_size: int = 4,
                    scores: dict | None = None):  # fmt: skip
     """Stream a video: ``frames`` (any iterable of (3, H, W) in [0, 255]) -> one (H, W) frame of
     video ids (``VIDEO_LABEL_DIVISOR``) at a time, with video-long track ids.
@@ -628,6 +628,6 @@ def predict_frames(model: VisTR, frames, num_frames: int, stride: int = 1, batch
         scores["vistr"] = stitcher.scores()
 
 
-def predict_video(model: VisTR, frames: torch.Tensor, stride: int = 1, batch_size: int = 4):
-    """Whole video (F, 3, H, W) in [0, 255] in memory -> (F, H, W) video ids (`predict_frames`)."""
-    return np.stack(list(predict_frames(model, frames, len(frames), stride, batch_size)))
+def instance_video(model: VisTR, frames: torch.Tensor, stride: int = 1, batch_size: int = 4):
+    """Whole video (F, 3, H, W) in [0, 255] in memory -> (F, H, W) video ids (`instance_frames`)."""
+    return np.stack(list(instance_frames(model, frames, len(frames), stride, batch_size)))

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from minivseg.panoptic import LABEL_DIVISOR, THING_CLASSES, colorize, track_color
+from minivseg.panoptic import LABEL_DIVISOR, colorize, track_color, tube_ids
 
 WHITE = np.uint8((255, 255, 255))
 
@@ -94,13 +94,6 @@ def heatmap(frame, values, alpha: float = 0.6, cmap: str = "magma") -> np.ndarra
     return np.clip(np.rint((1 - alpha) * frame + alpha * colours), 0, 255).astype(np.uint8)
 
 
-def tube_ids(panoptic, thing_classes=THING_CLASSES, label_divisor=LABEL_DIVISOR) -> list[int]:
-    """Panoptic ids of the tracked things in a video (crowd and void excluded), ascending."""
-    ids = np.unique(np.asarray(panoptic))
-    keep = np.isin(ids // label_divisor, thing_classes) & (ids % label_divisor > 0)
-    return [int(i) for i in ids[keep]]
-
-
 def plot_tubes(panoptic, pan_ids=None, stride: int = 4, ax=None, label_divisor=LABEL_DIVISOR):
     """3-D plot of tubes: every ``stride``-th pixel of each id's masks, stacked along time.
 
@@ -111,7 +104,9 @@ def plot_tubes(panoptic, pan_ids=None, stride: int = 4, ax=None, label_divisor=L
     import matplotlib.pyplot as plt
 
     panoptic = np.asarray(panoptic)[:, ::stride, ::stride]  # (T, h, w)
-    pan_ids = tube_ids(panoptic, label_divisor=label_divisor) if pan_ids is None else list(pan_ids)
+    if pan_ids is None:
+        pan_ids = tube_ids(panoptic, label_divisor=label_divisor)
+    pan_ids = [int(i) for i in pan_ids]
     if ax is None:
         ax = plt.figure(figsize=(8, 4)).add_subplot(projection="3d")
     for pan_id in pan_ids:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minivseg import checkpoint as C
-from minivseg import evaluate
+from minivseg import evaluate, tasks
 
 KILL_POINTS = 13  # 3 saves: 2 kill points in each write, 1 or 2 renames (before each)
 
@@ -155,7 +155,7 @@ def test_a_damaged_or_foreign_file_gets_one_line_of_our_own(tmp_path, capsys, ki
     """load_checkpoint, evaluate.load_model and `python -m minivseg.evaluate --checkpoint`:
     one line naming the file and what is wrong, never torch's hint to load unsafely."""
     path, words = damaged_files(tmp_path)[kind]
-    for load in (C.load_checkpoint, evaluate.load_model):
+    for load in (C.load_checkpoint, tasks.load_model):
         with pytest.raises(ValueError) as error:
             load(path)
         message = str(error.value)

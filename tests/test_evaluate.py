@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from minivseg import evaluate as E
+from minivseg import tasks
 from minivseg import train as train_module
 from minivseg.config import demo
 from minivseg.panoptic import VIDEO_LABEL_DIVISOR, read_kitti_step_png
@@ -36,7 +37,7 @@ def test_windows_and_padding():
     frames = [torch.full((1,), float(t)) for t in range(2)]
     ((starts, clips, valid),) = sliding_clips(frames, 2, 3)  # shorter than T: last frame repeated
     assert starts == [0] and clips.flatten().tolist() == [0, 1, 1] and valid == [2]
-    assert [E.padded_size(n) for n in (128, 129, 375, 1242, 416)] == [129, 129, 385, 1249, 417]
+    assert [tasks.padded_size(n) for n in (128, 129, 375, 1242, 416)] == [129, 129, 385, 1249, 417]
 
 
 def test_evaluate_writes_metrics_predictions_and_overlays(checkpoint, tmp_path):
@@ -59,13 +60,13 @@ def test_evaluate_writes_metrics_predictions_and_overlays(checkpoint, tmp_path):
 
 
 def test_predictions_have_consistent_ids_over_the_video(checkpoint):
-    model, cfg = E.load_model(checkpoint)
+    model, cfg = tasks.load_model(checkpoint)
     frames = torch.rand(5, 3, 40, 60) * 255
-    panoptic, semantic = E.predict_video(model, cfg, frames)
+    panoptic, semantic = tasks.predict_video(model, cfg, frames)
     assert panoptic.shape == (5, 40, 60) and semantic.shape == (5, 40, 60)
     kept = panoptic != VOID
     assert np.array_equal(panoptic[kept] // VIDEO_LABEL_DIVISOR, semantic[kept])
-    short, _ = E.predict_video(model, cfg, frames[:1])  # shorter than T
+    short, _ = tasks.predict_video(model, cfg, frames[:1])  # shorter than T
     assert short.shape == (1, 40, 60)
 
 
@@ -91,17 +92,17 @@ def test_clear_errors(checkpoint, tmp_path):
 
 
 def test_fill_void_and_thresholds(checkpoint):
-    model, cfg = E.load_model(checkpoint)
+    model, cfg = tasks.load_model(checkpoint)
     frames = torch.rand(3, 3, 33, 49) * 255
-    kept, semantic = E.predict_video(model, cfg, frames)  # deeplab2's output by default
-    filled, _ = E.predict_video(model, cfg, frames, fill_void=True)
+    kept, semantic = tasks.predict_video(model, cfg, frames)  # deeplab2's output by default
+    filled, _ = tasks.predict_video(model, cfg, frames, fill_void=True)
     assert (filled != VOID).all()  # every pixel gets a class
     void = kept == VOID
     assert void.any()  # an untrained model is unsure almost everywhere
     np.testing.assert_array_equal(filled[void], semantic[void] * VIDEO_LABEL_DIVISOR)
     np.testing.assert_array_equal(filled[~void], kept[~void])
     strict = {"class_threshold": 1.0, "pixel_threshold": 1.0}
-    nothing, _ = E.predict_video(model, cfg, frames, thresholds=strict)
+    nothing, _ = tasks.predict_video(model, cfg, frames, thresholds=strict)
     assert (nothing == VOID).all()  # no slot passes a class confidence of 1.0
 
 
@@ -145,7 +146,7 @@ def test_evaluation_streams_reads_each_frame_once_and_runs_the_model_once_per_wi
     from minivseg.synthetic import write_dataset
 
     write_dataset(tmp_path / "data", 0, 1, 24, seed=3, height=33, width=49)
-    model, cfg = E.load_model(checkpoint)
+    model, cfg = tasks.load_model(checkpoint)
     events, real_read, real_update = [], E.frame_tensor, STQ.update
     monkeypatch.setattr(E, "frame_tensor", lambda p, d="cpu": events.append(("read", p.stem))
                         or real_read(p, d))  # fmt: skip
@@ -170,7 +171,7 @@ def test_memory_does_not_grow_with_the_sequence(checkpoint, tmp_path):
 
     from minivseg.synthetic import write_dataset
 
-    model, cfg = E.load_model(checkpoint)
+    model, cfg = tasks.load_model(checkpoint)
     roots = {}
     for frames in (10, 60):
         roots[frames] = tmp_path / f"data{frames}"
@@ -191,7 +192,7 @@ def test_frames_says_what_it_does_before_the_first_frame(checkpoint, tmp_path, c
     folder.mkdir()
     for path in sorted(next((SAMPLES / "images" / "val").iterdir()).glob("*.png"))[:3]:
         shutil.copy(path, folder / path.name)
-    model, cfg = E.load_model(checkpoint)
+    model, cfg = tasks.load_model(checkpoint)
     said = []
     model.register_forward_pre_hook(lambda *_: said.append(capsys.readouterr().out))
     E.predict_folder(model, cfg, folder, tmp_path / "o", "cpu")
@@ -204,7 +205,7 @@ def test_a_checkpoint_with_config_fields_this_version_lacks_still_loads(
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
     stored["config"]["a_field_from_another_version"] = 3
     torch.save(stored, tmp_path / "other.pt")
-    model, cfg = E.load_model(tmp_path / "other.pt")
+    model, cfg = tasks.load_model(tmp_path / "other.pt")
     assert cfg.task == "tubeformer" and "a_field_from_another_version" in capsys.readouterr().out
 
 
@@ -235,7 +236,7 @@ def test_a_tracks_score_is_its_slots_class_confidence_in_both_modes():
     cfg = dataclasses.replace(demo(), clip_length=2)
     scores = {}
     frames = iter(torch.zeros(3, 3, 17, 33))
-    out = list(E.predict_frames(ThreeSlots(), cfg, frames, 3, masks=True, scores=scores))
+    out = list(tasks.predict_frames(ThreeSlots(), cfg, frames, 3, masks=True, scores=scores))
     car, person = 13 * VIDEO_LABEL_DIVISOR + 1, 11 * VIDEO_LABEL_DIVISOR + 1
     assert {car, person} <= set(np.unique(out[0]["panoptic"])) and len(out) == 3
     for mode in ("pixel", "mask"):

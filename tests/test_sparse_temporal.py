@@ -257,7 +257,7 @@ def clear_top2(logits: torch.Tensor, margin: float = 1e-4) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("use_stt,T", [(True, 2), (False, 2), (True, 3)])
-def test_predict_video_with_cache_equals_forward_on_each_window(use_stt, T):
+def test_semantic_video_with_cache_equals_forward_on_each_window(use_stt, T):
     torch.manual_seed(6)
     num_frames = 5
     model = STTSegmenter(num_classes=5, num_key_frames=T, width=8, num_heads=2, use_stt=use_stt)
@@ -265,7 +265,7 @@ def test_predict_video_with_cache_equals_forward_on_each_window(use_stt, T):
     decoded = []  # decoder logits of every call, recorded by a hook
     model.decoder.register_forward_hook(lambda module, inputs, output: decoded.append(output))
     video = torch.rand(num_frames, 3, 48, 64) * 255
-    labels = model.predict_video(video)
+    labels = model.semantic_video(video)
     assert labels.shape == (num_frames, 48, 64) and labels.dtype == torch.int64
     assert not model.training
     cached, decoded[:] = list(decoded), []
@@ -275,7 +275,7 @@ def test_predict_video_with_cache_equals_forward_on_each_window(use_stt, T):
             window = [max(i, 0) for i in range(f - T, f + 1)]
             window_logits.append(model(video[window][None])["semantic_logits"][0])
         torch.testing.assert_close(torch.cat(cached), torch.cat(decoded))
-        # predict_video's full-size logits: its decoder outputs upsampled as `decode` does (the
+        # semantic_video's full-size logits: its decoder outputs upsampled as `decode` does (the
         # same computation, so exactly its labels); the per-window forwards agree to a tolerance.
         size = video.shape[-2:]
         upsampled = torch.cat(
@@ -302,7 +302,7 @@ def test_build_stt_presets_and_key_frame_check():
         model.stt(torch.randn(1, 32, 4, 4), torch.randn(1, 3, 32, 4, 4))
 
 
-def test_predict_frames_streams_and_runs_the_key_side_once_per_frame():
+def test_semantic_frames_streams_and_runs_the_key_side_once_per_frame():
     torch.manual_seed(10)
     T, num_frames = 3, 6
     model = STTSegmenter(num_classes=5, num_key_frames=T, width=8, num_heads=2, nsm_radius=1)
@@ -319,13 +319,13 @@ def test_predict_frames_streams_and_runs_the_key_side_once_per_frame():
             yield video[f]
 
     labels = []
-    for f, label in enumerate(model.predict_frames(frames())):
+    for f, label in enumerate(model.semantic_frames(frames())):
         assert len(pulled) == f + 1 and not model.training  # one frame in, one label out
         assert label.shape == (32, 40) and label.dtype == torch.int64
         labels.append(label)
     assert calls == dict.fromkeys(calls, num_frames)  # query and key side share one reduce
     assert model.training  # the mode it had before
-    assert torch.equal(torch.stack(labels), model.predict_video(video))  # the same computation
+    assert torch.equal(torch.stack(labels), model.semantic_video(video))  # the same computation
 
 
 def test_paper_preset_has_table3_keys_and_64x128_maps():

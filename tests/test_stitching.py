@@ -15,14 +15,14 @@ from minivseg.panoptic import (
     VOID_ID,
     read_kitti_step_png,
     relabel,
+    tube_ids,
     write_kitti_step_png,
 )
 from minivseg.stitching import (
     VideoStitcher,
-    match_tubes,
+    link_tubes,
     sliding_clips,
     stitch_clips,
-    tube_ids,
     tube_iou,
 )
 
@@ -130,7 +130,7 @@ def test_hungarian_maximises_total_iou():
     clip = np.array([[[13002, 13001, 13001, 13001]]])  # y = 13002, x = 13001
     iou = tube_iou(tube_ids(clip), clip, tube_ids(shown), shown)
     np.testing.assert_allclose(iou, [[0.5, 1 / 3], [1 / 3, 0.0]])
-    assert match_tubes(shown, clip) == {13001: 13009, 13002: 13005}
+    assert link_tubes(shown, clip) == {13001: 13009, 13002: 13005}
     # Through stitch_clips: frame 1 of clip 0 is `shown`, frame 0 of clip 1 is `clip`.
     first = np.concatenate([shown, shown])
     second = np.concatenate([clip, clip])
@@ -142,8 +142,8 @@ def test_matching_is_same_class_and_respects_min_iou():
     shown = np.array([[[11001, 11001, 13002, 13002]]])
     clip = np.array([[[13007, 13007, 13008, 0]]])
     # 13007 overlaps only the person: no link across classes. 13008 has IoU 1/2 with car 13002.
-    assert match_tubes(shown, clip) == {13008: 13002}
-    assert match_tubes(shown, clip, min_iou=0.5) == {}
+    assert link_tubes(shown, clip) == {13008: 13002}
+    assert link_tubes(shown, clip, min_iou=0.5) == {}
 
 
 def brute_force_matching(shown, clip):
@@ -166,7 +166,7 @@ def test_matching_equals_brute_force_on_random_maps():
     for _ in range(5):
         shown = rng.choice([13001, 13002, 13003, 11001, 0], size=(2, 3, 4))
         clip = rng.choice([13004, 13005, 11006, 11007, 7000], size=(2, 3, 4))
-        assert match_tubes(shown, clip) == brute_force_matching(shown, clip)
+        assert link_tubes(shown, clip) == brute_force_matching(shown, clip)
 
 
 def test_newest_clip_wins_on_shared_frames_and_stuff_passes_through():

@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from minivseg import config as config_module
+from minivseg import tasks
 from minivseg import train as train_module
 from minivseg.config import PRESETS
 
@@ -168,7 +169,7 @@ def test_loss_and_evaluation_use_the_models_classes(tmp_path):
     """A model with another class set: the loss, inference and metrics follow its config."""
     cfg = small("demo", tmp_path, eval_every=2, eval_sequences=1,
                 model_overrides={"thing_classes": "11,13,12"})  # fmt: skip
-    model, criterion = train_module.build_task(cfg)
+    model, criterion = tasks.build_task(cfg)
     assert criterion.thing_classes == (11, 13, 12) and criterion.num_stuff == model.num_stuff
     assert criterion.thing_stuff_class_ids == model.thing_stuff_class_ids
     result = train_module.main(cfg)
@@ -178,11 +179,11 @@ def test_loss_and_evaluation_use_the_models_classes(tmp_path):
 
     few = small("demo", tmp_path / "twelve", eval_every=2, eval_sequences=1,
                 model_overrides={"num_classes": "12", "thing_classes": "11"})  # fmt: skip
-    model, criterion = train_module.build_task(few)
+    model, criterion = tasks.build_task(few)
     assert criterion.num_classes == 12 and model.class_head.out_features == 13
     assert math.isfinite(train_module.main(few)["loss"])  # classes >= 12 are void to the loss
     with pytest.raises(ValueError, match="thing_classes=.* below num_classes=10"):
-        train_module.build_task(dataclasses.replace(few, model_overrides={"num_classes": "10"}))
+        tasks.build_task(dataclasses.replace(few, model_overrides={"num_classes": "10"}))
 
 
 def test_loss_flags_reach_the_loss_and_the_checkpoint(tmp_path):
@@ -197,28 +198,28 @@ def test_loss_flags_reach_the_loss_and_the_checkpoint(tmp_path):
     assert cfg.loss_overrides == {
         "contrastive_sample_k": "64", "deep_supervision": "true", "tube_id_weight": "0.5"
     }  # fmt: skip
-    model, criterion = train_module.build_task(cfg)
+    model, criterion = tasks.build_task(cfg)
     assert criterion.config.contrastive_sample_k == 64 and criterion.config.tube_id_weight == 0.5
     assert criterion.config.deep_supervision and model.cfg.aux_heads and len(model.aux_heads) == 1
-    plain, plain_loss = train_module.build_task(config_module.parse_args(["--preset=demo"]))
+    plain, plain_loss = tasks.build_task(config_module.parse_args(["--preset=demo"]))
     assert not plain_loss.config.deep_supervision and len(plain.aux_heads) == 0
     # CMT-DeepLab's defaults come with the clustering update, unless a flag says otherwise.
     clustering = config_module.parse_args(["--model.memory_update=clustering"])
-    _, cmt = train_module.build_task(clustering)
+    _, cmt = tasks.build_task(clustering)
     assert cmt.config.contrastive_sample_k == 4096 and cmt.config.deep_supervision
     no_ds = dataclasses.replace(clustering, loss_overrides={"deep_supervision": "false"})
-    assert not train_module.build_task(no_ds)[1].config.deep_supervision
+    assert not tasks.build_task(no_ds)[1].config.deep_supervision
     with pytest.raises(ValueError, match="did you mean --loss.tube_id_weight"):
-        train_module.build_task(dataclasses.replace(cfg, loss_overrides={"tube_id_weigh": "1"}))
+        tasks.build_task(dataclasses.replace(cfg, loss_overrides={"tube_id_weigh": "1"}))
     with pytest.raises(ValueError, match="--loss.deep_supervision"):
-        train_module.build_task(dataclasses.replace(cfg, model_overrides={"aux_heads": "true"}))
+        tasks.build_task(dataclasses.replace(cfg, model_overrides={"aux_heads": "true"}))
     with pytest.raises(ValueError, match="tubeformer"):
-        train_module.build_task(small("stt_demo", tmp_path, loss_overrides={"alpha": "0.5"}))
+        tasks.build_task(small("stt_demo", tmp_path, loss_overrides={"alpha": "0.5"}))
     run = small("demo", tmp_path, max_steps=1, loss_overrides={"tube_id_weight": "0.5"})
     train_module.main(run)
     stored = torch.load(tmp_path / "last.pt", weights_only=True)["config"]
     assert stored["loss_overrides"] == {"tube_id_weight": "0.5"}
-    from minivseg.evaluate import load_model
+    from minivseg.tasks import load_model
 
     assert load_model(tmp_path / "last.pt")[1].loss_overrides == {"tube_id_weight": "0.5"}
 
@@ -285,7 +286,7 @@ def test_freeze_batchnorm_survives_evaluation(tmp_path):
 def test_kitti_preset_follows_deeplab2_where_it_can():
     kitti = PRESETS["kitti"]()
     assert kitti.grad_clip == 0 and kitti.batch_size * kitti.accumulate == 16
-    _, criterion = train_module.build_task(dataclasses.replace(kitti, model="tiny"))
+    _, criterion = tasks.build_task(dataclasses.replace(kitti, model="tiny"))
     assert not criterion.config.deep_supervision
 
 
@@ -299,7 +300,7 @@ def test_training_step_waits_for_the_device_once_per_micro_batch(monkeypatch, me
     cfg = small("demo", "unused", temporal_consistency=1.0,
                 model_overrides={"memory_update": memory_update})  # fmt: skip
     torch.manual_seed(0)
-    model, criterion = train_module.build_task(cfg)
+    model, criterion = tasks.build_task(cfg)
     dataset = KittiStepClips(SAMPLES, "train", 3, crop_size=(65, 97))
     batch = collate_clips([dataset[0], dataset[5]])
 
@@ -319,7 +320,7 @@ def test_cuda_forward_loss_backward_sync_once(tmp_path):
     from minivseg.data import KittiStepClips, collate_clips
 
     cfg = small("demo", tmp_path, temporal_consistency=1.0, device="cuda")
-    model, criterion = train_module.build_task(cfg)
+    model, criterion = tasks.build_task(cfg)
     model.cuda().train()
     batch = collate_clips([KittiStepClips(SAMPLES, "train", 3, crop_size=(65, 97))[i]
                            for i in (0, 5)])  # fmt: skip

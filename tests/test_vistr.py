@@ -15,9 +15,9 @@ from minivseg.vistr import (
     VisTRLoss,
     build_vistr,
     focal_and_dice,
-    predict_frames,
+    instance_frames,
+    instance_video,
     predict_tubes,
-    predict_video,
     sequence_cost,
     sine_position_encoding_3d,
     targets_from_panoptic,
@@ -396,11 +396,11 @@ class SquareModel(torch.nn.Module):
 
 
 @pytest.mark.parametrize("length,T,stride", [(5, 2, 1), (4, 3, 2), (2, 3, 1)])
-def test_predict_video_covers_every_frame_with_one_track(length, T, stride):
+def test_instance_video_covers_every_frame_with_one_track(length, T, stride):
     frames = torch.zeros(length, 3, 6, 8)
     for t in range(length):
         frames[t, :, 1:4, t : t + 3] = 255
-    video = predict_video(SquareModel(T), frames, stride=stride)
+    video = instance_video(SquareModel(T), frames, stride=stride)
     car, void = 13 * VIDEO_LABEL_DIVISOR + 1, 255 * VIDEO_LABEL_DIVISOR
     expected = np.where(frames[:, 0].numpy() > 128, car, void)
     np.testing.assert_array_equal(video, expected)
@@ -417,7 +417,7 @@ def test_padding_frames_are_cut_before_the_score_and_the_vote():
     (uncut,) = predict_tubes(outputs, (4, 4), (11, 13))[0]
     assert uncut[1] == 11 and uncut[2] == pytest.approx((0.9 + 0.99 + 0.99) / 3)
     scores = {}
-    stream = predict_frames(SquareModel(T), iter(torch.zeros(2, 3, 6, 8)), 2, scores=scores)
+    stream = instance_frames(SquareModel(T), iter(torch.zeros(2, 3, 6, 8)), 2, scores=scores)
     assert len(list(stream)) == 2 and set(scores) == {"vistr"}
 
 
@@ -437,9 +437,9 @@ class TwoSlots(torch.nn.Module):
         return {"pred_logits": logits, "pred_masks": masks.flatten(1, 2), "num_frames": T}
 
 
-def test_predict_frames_scores_each_track_with_its_tubes_score():
+def test_instance_frames_scores_each_track_with_its_tubes_score():
     scores = {}
-    video = np.stack(list(predict_frames(TwoSlots(2), iter(torch.zeros(3, 3, 4, 6)), 3,
+    video = np.stack(list(instance_frames(TwoSlots(2), iter(torch.zeros(3, 3, 4, 6)), 3,
                                          scores=scores)))  # fmt: skip
     car, person = 13 * VIDEO_LABEL_DIVISOR + 1, 11 * VIDEO_LABEL_DIVISOR + 1
     assert (video[:, :2] == car).all() and (video[:, 2:] == person).all()

@@ -28,7 +28,7 @@ from minivseg.synthetic import write_dataset
 
 
 def tiny_checkpoint(path: Path) -> Path:
-    from minivseg.train import build_task
+    from minivseg.tasks import build_task
 
     cfg = dataclasses.replace(demo(), data="")
     model, _ = build_task(cfg)
