@@ -1,14 +1,15 @@
 """Position-sensitive axial attention: global 1-D multi-head attention along height or width.
 
-Implements Axial-DeepLab (Wang et al., ECCV 2020) §3.1: position-sensitive self-attention,
-Eq. (3), restricted to one axis, Eq. (4):
+Implements Axial-DeepLab (Wang et al., ECCV 2020): the position-sensitive self-attention of §3.1,
+Eq. (3), restricted to the 1 x m line through each pixel, §3.2 Eq. (4):
 
     y_o = sum_{p in 1 x m(o)} softmax_p(q_o.k_p + q_o.r^q_{p-o} + k_p.r^k_{p-o}) (v_p + r^v_{p-o})
 
 and ``AxialAttention2D`` = a height-axis layer followed by a width-axis layer (§3.2), the
 pixel-to-pixel (frame-level, F2F) attention of TubeFormer-DeepLab §3.2.
 
-Follows the deeplab2 variant used by MaX-DeepLab (model/layers/axial_layers.py):
+Follows the deeplab2 variant used by MaX-DeepLab and TubeFormer-DeepLab
+(model/layers/axial_layers.py, model/layers/positional_encodings.py):
 - the span is global along the axis (m = axis length);
 - no 1/sqrt(d) scaling; instead BatchNorm on the three stacked similarity terms (one channel per
   (term, head)) and on the two stacked retrieved outputs (one channel per (term, head, channel));
@@ -16,6 +17,12 @@ Follows the deeplab2 variant used by MaX-DeepLab (model/layers/axial_layers.py):
 - relative-position tables of 2 * max_span - 1 rows (509 for MAX_SPAN 255), indexed by the runtime
   distance ``key - query + max_span - 1`` clipped to the table, so any length works and lengths
   beyond max_span share the outermost embedding.
+Differences: none intended (a PyTorch transcription of deeplab2's layer gives the same outputs;
+lesson 01, "Measured").
+
+    layer = AxialAttention2D(in_channels=128, key_channels=64, value_channels=128)
+    y = layer(x)  # x (B, 128, H, W) -> (B, 128, H, W), every output sees the whole image
+
 Einsum letters: B batch of lines (images x other axis), h heads, d channels per head, i query
 position and j key position along the axis.
 """

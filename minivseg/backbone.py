@@ -1,22 +1,46 @@
 """Axial-ResNet-50 backbone (MaX-DeepLab-S), its stride-8/4 pixel decoder and a torchvision loader.
 
-The MaX-DeepLab-S backbone (Wang et al., CVPR 2021; DeepLab2 report, "Axial-ResNet") used by
-TubeFormer-DeepLab §3.2/§4.2 ("ResNet-50 with axial-attention blocks in the last two stages"):
-an Inception stem (three 3x3 convs, no max-pool), bottleneck stages [3, 4, 6, 3] at output
-stride 16, and Axial-DeepLab Eq. (4) axial blocks (axial_attention.py) wherever the original
-ResNet stride reaches 16: stage 4 from its second block, all of stage 5. TubeFormer-DeepLab-Bn
-(§4.2) stacks more axial blocks in stage 4: ``extra_stage4_axial_blocks`` (2.24M parameters each).
+The MaX-DeepLab-S backbone (Wang et al., CVPR 2021; DeepLab2 report, "Axial-ResNet"), which
+TubeFormer-DeepLab uses (§4.2: "ResNet-50 with axial-attention blocks in the last two stages"):
+- an Inception stem: three 3x3 convs with 64, 64 and 128 channels, no max-pool;
+- bottleneck stages [3, 4, 6, 3] at output stride 16 (``AxialResNet(output_stride=32)`` is the
+  ImageNet-style variant);
+- Axial-DeepLab §3.2 Eq. (4) axial blocks (`minivseg.axial_attention`) wherever the original
+  ResNet stride reaches 16: stage 4 blocks 2-6 and all of stage 5. An axial block's widths are
+  2F (conv1), then key F / value 2F (the attention), then 4F (conv3);
+- TubeFormer-DeepLab-Bn (§4.2, §4.4) stacks more axial blocks in stage 4:
+  ``extra_stage4_axial_blocks``, 2,238,816 parameters each. The paper's "+13M parameters per n"
+  fits six extra blocks per n (13.4M); stacking the five stage-4 axial blocks gives 11.2M.
+``AxialResNet()`` has 41,343,424 trainable parameters, ``use_axial=False`` (ResNet-50-beta)
+23,631,808, as deeplab2's axial_resnet_instances_test.py.
 
 Follows deeplab2 (model/encoder/axial_resnet.py, model/layers/stems.py, axial_blocks.py,
-axial_block_groups.py, resized_fuse.py, drop_path.py):
+axial_block_groups.py, drop_path.py; the decoder: axial_resnet.py ``call_stacked_decoder`` with
+zero stacks, resized_fuse.py):
 - "activation at block input": a block applies ReLU to its non-activated input, takes the
   shortcut from that activated input, and returns shortcut + branch without activation;
-- the last BN of every residual branch starts with gamma 0;
-- drop path with deeplab2's linear schedule (keep 1 - (1 - p) * stage / 4 beyond stride 16);
+- the last BN of every residual branch (conv3) starts with gamma 0;
+- drop path with deeplab2's linear schedule (keep 1 - (1 - p) * stage / 4 beyond stride 16):
+  keep 0.85 at stride 16 and 0.8 at stride 32 when ``drop_path_keep_prob=0.8``;
+- `PixelDecoder`: stride 16 -> 8 -> 4, a ResizedFuse with the skip feature, then one conv
+  bottleneck per stride;
 - BatchNorm momentum 0.01 (TF 0.99), eps 1e-3.
 Differences: endpoints are named res2..res5 but are all NON-activated (deeplab2's "stage2..");
 convs use PyTorch's He-normal (deeplab2: truncated He-normal); the decoder's ResizedFuse only
 upsamples (deeplab2 also has a stride-2 conv path for downsampling inputs).
+
+deeplab2's ImageNet checkpoints for Axial-ResNet are TensorFlow. `load_torchvision_resnet50`
+starts the convolutional part from a torchvision ResNet-50 state dict (torchvision key names). It
+copies a tensor only where the shapes agree, and a BN only if its conv was copied. Skipped: the
+7x7 stem; stage 2 block 1's conv1 and shortcut (our stem gives 128 channels, torchvision's 64);
+everything an axial block replaces (its conv1, conv3, attention); ``fc``. On MaX-S that loads
+156 tensors, 5,027,968 of 41,343,424 parameters; with ``use_axial=False`` 300 tensors,
+23,477,376 of 23,631,808.
+
+    backbone, decoder = AxialResNet(), PixelDecoder(2048, 512, 256)
+    f = backbone(torch.rand(1, 3, 129, 417) * 255 / 127.5 - 1)  # the model normalises x/127.5 - 1
+    s4 = torch.relu(decoder(f["res5"], f["res3"], f["res2"]))    # (1, 256, 33, 105)
+    report = load_torchvision_resnet50(backbone, torch.load("resnet50.pth", weights_only=True))
 """
 
 import math
@@ -120,7 +144,11 @@ class BottleneckBlock(nn.Module):
 
 
 class AxialResNet(nn.Module):
-    """Inception stem + 4 bottleneck stages at output stride 16; axial blocks at stride 16."""
+    """Inception stem + 4 bottleneck stages at output stride 16; axial blocks at stride 16.
+
+    ``output_stride=32`` (an ImageNet-style ResNet, as VisTR's backbone) strides stage 5's first
+    block by 2 and dilates nothing; axial blocks stay where the original ResNet stride is 16.
+    """
 
     def __init__(
         self,
@@ -132,8 +160,12 @@ class AxialResNet(nn.Module):
         num_heads: int = 8,
         max_span: int = 255,
         extra_stage4_axial_blocks: int = 0,
+        output_stride: int = OUTPUT_STRIDE,
     ):
         super().__init__()
+        if output_stride not in (16, 32):
+            raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
+        self.output_stride = output_stride
         c1, c2, c3 = stem_channels
         # Inception stem: three 3x3 convs, no max-pool; the last one is not activated.
         self.stem = nn.Sequential(
@@ -156,12 +188,12 @@ class AxialResNet(nn.Module):
                     BottleneckBlock(
                         in_channels,
                         filters,
-                        stride=2 if first and resnet_stride < OUTPUT_STRIDE else 1,
+                        stride=2 if first and resnet_stride < output_stride else 1,
                         axial=use_axial and resnet_stride >= OUTPUT_STRIDE,
                         drop_path=drop_path_rate(drop_path_keep_prob, resnet_stride),
                         num_heads=num_heads,
                         max_span=max_span,
-                        dilation=max(resnet_stride // OUTPUT_STRIDE, 1),
+                        dilation=max(resnet_stride // output_stride, 1),
                     )
                 )
                 in_channels = 4 * filters
@@ -172,7 +204,8 @@ class AxialResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict:
         """x (B, 3, H, W), normalised -> dict of (B, C, h, w) features, all non-activated.
 
-        stem at stride 2, res2 at 4, res3 at 8, res4 and res5 at 16; h = (H - 1) // stride + 1.
+        stem at stride 2, res2 at 4, res3 at 8, res4 at 16, res5 at 16 (``output_stride=32``:
+        at 32); h = (H - 1) // stride + 1.
         """
         out = {"stem": self.stem(x)}
         out["res2"] = self.stage2(out["stem"])

@@ -19,6 +19,17 @@ save moves the newest checkpoint, never an older or unreadable file, over ``prev
 run into a folder that holds another run's files refuses (`start_fresh`) unless told to remove
 them, for the same reason.
 
+``--resume`` prints which file it continues from and why, e.g. ``resuming from runs/demo/prev.pt
+(step 60): last.pt is truncated (... bytes, no zip end) (kept as last.pt.bad)``; when no file
+loads, the run stops with one line per file saying what is wrong (empty, truncated, not a PyTorch
+file, a plain state dict), and ``python -m minivseg.evaluate --checkpoint`` and
+`minivseg.tasks.load_model` explain a bad file the same way. A run without ``--resume`` refuses an
+``OUT_DIR`` that holds a checkpoint or log of another run; ``--overwrite`` deletes those files
+(``last.pt``, ``last.tmp``, ``prev.pt``, their ``.bad`` copies, ``log.jsonl``, ``loss_curve.png``;
+other files stay) and starts over, and does nothing with ``--resume``. ``make demo`` passes
+``--overwrite`` (``make demo ARGS=--resume`` continues the last demo run). tests/test_checkpoint.py
+kills a save at every point, twice, and resumes.
+
 Loads use ``weights_only=True``. Errors are our own one-line messages, not torch's, because its
 message for a file it cannot unpickle suggests turning that safety off.
 """

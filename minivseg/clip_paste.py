@@ -3,7 +3,9 @@
 Image copy-paste pastes object masks from one image onto another. Clip-paste does the same with
 *tubes*: the pixels of a thing track (or of a stuff class) in every frame of a source clip are
 pasted onto the same frames of a target clip, so the pasted object keeps its motion. TubeFormer
-pastes "either thing or stuff (or both)" regions with probability 0.5.
+pastes "either thing or stuff (or both)" regions with probability 0.5. The paper describes it in
+one paragraph, without an equation, and no reference code was available to check against.
+Use it as ``KittiStepClips(..., crop_size=..., clip_paste=0.5)`` or ``--clip_paste=0.5``.
 
 Choices the paper leaves open (ours): the source is another random clip of the same dataset, after
 its own augmentation; in "thing" mode every thing tube of the source is pasted (crowd regions come

@@ -1,12 +1,14 @@
 """Clustering mask-transformer layer: memory slots as cluster centres of the clip's pixels.
 
-CMT-DeepLab (Yu et al., CVPR 2022) §3.3, Eq. (4)-(13), on TubeFormer's video pixels: the pixels are
-all ``P = T*h*w`` pixels of a clip, so one cluster is one video tube. Per layer:
+CMT-DeepLab (Yu et al., CVPR 2022) §3.1-3.3, Eq. (3)-(13), on TubeFormer's video pixels: the
+pixels are all ``P = T*h*w`` pixels of a clip, so one cluster is one video tube. The tube masks of
+Eq. (4), ``Z = softmax_N(F C^T)`` (§3.1), are read as the pixel-to-centre assignment and
+``Z^T V`` as the centre update, Eq. (5) (§3.2). Per layer (§3.3):
 
 - assignment, Eq. (6): ``Z = softmax_N(S + K~p . Q~c)`` with the assignment logits ``S`` of the
   previous layer (a residual path; ``S`` has the tube-logit format and is deeply supervised);
 - centre update, Eq. (7): ``C + softmax_HW(Qc . Kp) Vp + Z^T Vp``: MaX-DeepLab's memory attention
-  (M2P + M2M in one softmax over ``[pixels; memory]``) plus the clustering update ``Z^T Vp``;
+  (Eq. (3); here M2P + M2M in one softmax over ``[pixels; memory]``) plus the clustering update;
 - pixel update, Eq. (8): ``F + Z Vc``, through the same assignment ``Z``;
 - location-sensitive clustering, Eq. (9)-(12): ``R`` reference points per centre (the paper's M;
   M is taken by GT tubes here), ``r = sigmoid(e + MLP(C))`` with ``e`` carried across layers, and
@@ -15,9 +17,10 @@ all ``P = T*h*w`` pixels of a clip, so one cluster is one video tube. Per layer:
 - mask approximation loss, Eq. (13), on the matched slots' reference points.
 
 In TubeFormer (``memory_update="clustering"``) every global layer is a `ClusteringUpdate` inside a
-`ClusteringBlock`, which carries the state (``S`` and ``e``) from one hierarchical block to the
-next. Each layer's ``S``, reshaped to tubes and upsampled to stride 4
-(`assignment_mask_logits`), is that layer's deep-supervision tube prediction.
+`ClusteringBlock` (TubeFormer §3.2, Fig. 3), which carries the state (``S`` and ``e``) from one
+hierarchical block to the next. Each layer's ``S``, reshaped to tubes and upsampled to stride 4
+(`assignment_mask_logits`), is that layer's deep-supervision tube prediction ("further supervised
+by the ground-truths", §3.3), matched with the final output's matching.
 
 ``assignment="argmax"`` swaps Z for kMaX-DeepLab's stop-gradient one-hot argmax over N (the
 clustering term is then its k-means "sum, then BN" update); everything else is shared, so unlike
@@ -25,13 +28,22 @@ kMaX the argmax layer keeps the cross-attention and the pixel update, and takes 
 ``S`` rather than of an auxiliary mask head's logits.
 Conventions are deeplab2's dual-path layer (``dual_path.py``): bias-free projections + BN, BN on
 logits and retrieved values, no 1/sqrt(d), gamma-0 last BN per residual branch, ReLU after each
-memory add, non-activated pixels. Eq. (7)'s two terms are two residual branches with their own BN
-and projection, as deeplab2 adds its k-means branch beside the attention branch
-(``kmeans_update_memory_step``).
+memory add, non-activated pixels. deeplab2 (model/layers/dual_path_transformer.py) has kMaX's
+argmax assignment (``kmeans_assignment_step``) and k-means branch (``kmeans_update_memory_step``,
+added beside the attention branch in ``call``): Eq. (7)'s two terms are two such residual
+branches with their own BN and projection, and Eq. (8) has the layout of its P2M branch. The
+aux outputs follow model/kmax_deeplab.py ``_prepare_auxiliary_results`` (the centres before the
+update, align-corners resize). Eq. (9)-(13) have no reference code; they follow the paper.
 Differences from the paper: ``S`` and Z are single-head (the attention has ``num_heads``);
 ``e`` is 0 before the first layer, so its ``e + MLP(C)`` is the projection of the centres;
 coordinates are ``(y, x)`` in ``[0, 1]`` per frame (``i / (h - 1)``, align-corners), and a tube's
 reference mask is its 2-D footprint over the clip (Eq. (13) pools the pixels of all T frames).
+
+    layer = ClusteringUpdate(64, memory_channels=64, bottleneck_channels=64, key_channels=32,
+                             value_channels=64, num_heads=4, ffn_channels=128)
+    pixels, memory, state = layer(pixels, memory, (T, h, w), state)  # state None for the first
+    state["assignment_logits"]  # (B, N, T*h*w): S; softmax over N gives this layer's tubes
+    state["reference_points"]   # (B, N, R, 2): (y, x) in [0, 1]
 """
 
 from __future__ import annotations

@@ -3,8 +3,16 @@
 Every field of `TrainConfig` is a command-line flag: ``--field=value`` (booleans also as a bare
 ``--flag`` / ``--no-flag``; tuples as ``--crop_size=129,417``; ``none`` for optional fields).
 Model fields are set with ``--model.FIELD=value`` and loss fields with ``--loss.FIELD=value``;
-both are checked against the model's / loss's own config dataclass when the task is built. The
-whole config is stored in every checkpoint.
+both are checked against the model's / loss's own config dataclass when the task is built
+(`minivseg.tasks`), and an unknown or misspelt flag stops with a "did you mean" message. The whole
+config is stored in every checkpoint, and evaluation rebuilds model and classes from it. The loss,
+inference, stitching and metrics take the class set from the model's config, so
+``--model.num_classes=12 --model.thing_classes=11`` trains and evaluates on those classes (label
+classes the model does not have are void to it). Most used: ``--data``, ``--out_dir``,
+``--max_steps``, ``--batch_size``, ``--accumulate``, ``--lr``, ``--eval_every``, ``--resume``,
+``--overwrite``, ``--device``, ``--num_workers``, ``--seed``, ``--clip_paste=0.5``,
+``--temporal_consistency=1.0``, ``--grad_checkpointing``, ``--compile``, ``--bf16``,
+``--pretrained=FILE``, ``--freeze_batchnorm``, ``--threads``.
 """
 
 from __future__ import annotations

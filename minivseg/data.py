@@ -1,14 +1,31 @@
 """KITTI-STEP clips: a video dataset of T consecutive frames with identical augmentation.
 
-Directory layout (KITTI-STEP as distributed for deeplab2, and what `minivseg.synthetic` writes):
-``ROOT/images/SPLIT/SSSS/FFFFFF.png`` and ``ROOT/panoptic_maps/SPLIT/SSSS/FFFFFF.png``.
+Directory layout (KITTI-STEP as distributed for deeplab2, and what `minivseg.synthetic` writes)::
+
+    ROOT/images/{train,val,test}/SSSS/FFFFFF.png      RGB frames
+    ROOT/panoptic_maps/{train,val}/SSSS/FFFFFF.png    labels: R = semantic, G*256+B = instance
+
+Label ids are ``semantic * 1000 + instance`` with void 255 and crowd = thing class with
+instance 0 (`minivseg.panoptic`). Frames are read in `minivseg.panoptic.frame_order` (all-numeric
+names numerically, else as text; zero-padded names are safest). Images may be 8-bit RGB or
+grayscale; 16-bit grayscale frames are scaled to 8 bits. A split without ``panoptic_maps`` is read
+unlabelled (``labels=False``, e.g. the test split).
+
+Validation: building `KittiStepClips` decodes every image and checks that it has a label of the
+same size whose class ids are 0..18 or 255; the first problem raises `DatasetError` naming the
+file. ``python -m minivseg.data --check ROOT`` runs the same checks on every split and prints its
+sequences, frames and class pixel shares, and warns when numeric frame names are not zero-padded
+(the real KITTI-STEP gives train 5027 frames, val 2981 frames).
 
 Every frame ``i`` of a sequence ends one clip ``[i-T+1, ..., i]``; at the start of a sequence the
-first frame is repeated (deeplab2 duplicates the first frame for its two-frame models, §8 of the
-facts sheet). Augmentation follows deeplab2's KITTI configs: one scale from
+first frame is repeated (deeplab2 ``data/build_step_data.py`` duplicates the first frame for its
+two-frame models). Augmentation follows deeplab2's KITTI configs
+(``data/preprocessing/input_preprocessing.py``, ``preprocess_utils.py``): one scale from
 ``linspace(min, max, step 0.1)``, bilinear (align_corners) resize of frames and nearest of
 labels, pad with void to the crop size, random crop, horizontal flip — drawn once per clip and
-applied to all T frames. Frames stay in [0, 255]; the model normalises.
+applied to all T frames. Frames stay in [0, 255]; the model normalises. KITTI frames are about
+375x1242; the ``kitti`` preset crops 385x1249 (= 24*16+1 x 78*16+1, as deeplab2), and evaluation
+pads to 16k+1 and crops the prediction back (`minivseg.tasks.pad_frames`).
 
 Reproducibility: augmentation randomness comes from ``default_rng((seed, key))`` where ``key`` is
 what the sampler passes to ``__getitem__``; ``key % len(dataset)`` is the clip index, so a sampler

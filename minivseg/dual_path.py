@@ -1,30 +1,38 @@
 """Dual-path transformers: a pixel path and a memory path that read and write each other.
 
-One layer couples pixels ``(B, P, Cp)`` with a memory ``(B, N, Cm)`` (MaX-DeepLab §3.2, "dual-path
-transformer"; TubeFormer-DeepLab §3.2 and Fig. 3). MaX-DeepLab is not in ``papers/``; its two
-attention equations are written out at the lines that compute them:
+One layer couples pixels ``(B, P, Cp)`` with a memory ``(B, N, Cm)``: the dual-path transformer of
+MaX-DeepLab (Wang et al., CVPR 2021; its "Dual-Path Transformer", P2M feedback attention and
+M2P + M2M attention), used by TubeFormer-DeepLab §3.2 and Fig. 3. TubeFormer numbers no equation
+for these layers; MaX-DeepLab's two attention equations are written out here and at the lines
+that compute them:
 
 - memory update, M2V + M2M in ONE softmax over the concatenated keys ``[pixels; memory]``:
   ``y_m = sum_{n in P+N} softmax_n(q_m . [k_p; k_m]_n) [v_p; v_m]_n``, then an FFN on the memory;
 - pixel update, V2M: ``y_p = sum_{n in N} softmax_n(q_p . k_m_n) v_m_n`` with the key/value of the
   layer-INPUT memory (the pixel update does not see this layer's memory update).
 
-Three ways to use it:
+Three ways to use it (TubeFormer-DeepLab §3.2):
 
-- `GlobalDualPath`: TubeFormer's global dual-path transformer. The pixels are ALL ``T*h*w`` pixels
-  of the clip, so a memory slot gathers a whole video tube (M2V, M2M, V2M of TubeFormer §3.2).
-- `LatentDualPath`: TubeFormer's latent dual-path transformer. The same layer run frame by frame
-  (frames folded into the batch) on a small latent memory ``(L, C)`` copied per frame: L2F + L2L
-  in one softmax, then F2L. Frames never exchange information here.
-- `HierarchicalBlock`: axial block (per frame) -> latent dual-path -> global dual-path (Fig. 3).
+- `GlobalDualPath`: the global dual-path transformer. The pixels are ALL ``T*h*w`` pixels of the
+  clip, so a memory slot gathers a whole video tube (M2V, M2M, V2M).
+- `LatentDualPath`: the latent dual-path transformer. The same layer run frame by frame (frames
+  folded into the batch) on a small latent memory ``(L, C)`` copied per frame: L2F + L2L in one
+  softmax, then F2L. Frames never exchange information here.
+- `HierarchicalBlock`: axial block (per frame, F2F) -> latent dual-path -> global dual-path
+  (Fig. 3); ``None`` switches a part off (no latent = TubeFormer-DeepLab-Simple).
 
-Implementation facts follow deeplab2 ``model/layers/dual_path_transformer.py`` exactly: every
-"linear" is a bias-free 1x1 projection followed by BatchNorm over channels; BN on the attention
-logits (one channel per head) replaces the 1/sqrt(d) scaling; BN + ReLU on the retrieved values;
-the last BN of every residual branch starts at gamma 0; the memory path ends every residual add
-in ReLU, the pixel path stays non-activated; each branch has its own drop-path mask.
+Implementation facts follow deeplab2 ``model/layers/dual_path_transformer.py``
+(DualPathTransformerLayer, AttentionOperation) and ``model/layers/axial_block_groups.py`` (block
++ dual-path layer, drop-path masks) exactly: every "linear" is a bias-free 1x1 projection followed
+by BatchNorm over channels; BN on the attention logits (one channel per head) replaces the
+1/sqrt(d) scaling; BN + ReLU on the retrieved values; the last BN of every residual branch starts
+at gamma 0; the memory path ends every residual add in ReLU, the pixel path stays non-activated;
+each branch has its own drop-path mask. With MaX-DeepLab-S sizes a layer has 2,503,712
+parameters, as in deeplab2.
 Differences from the papers: none intended. TubeFormer gives no internals for the latent layer;
 we use MaX-DeepLab's layer for it, which realises exactly its L2F, L2L and F2L attentions.
+``gradient_checkpointing`` (an addition) recomputes each part in backward with identical outputs,
+gradients and BN running statistics (`run_checkpointed`).
 """
 
 from __future__ import annotations

@@ -15,9 +15,20 @@ post-processor (model/post_processor/max_deeplab.py, 'pixelwise'):
 - optional area limits void the segments smaller than a limit, counted per frame.
 
 ``semantic_inference`` is deeplab2's second post-processor, with both thresholds 0 (for mIoU).
-``mask_wise_inference`` is the per-mask variant used for VIS (TubeFormer §4): each tube is a
-binary mask proposal, ranked by class confidence × mask score and pasted onto free pixels
-(deeplab2 'maskwise').
+``mask_wise_inference`` is the per-mask variant that TubeFormer §3.4 explores for video
+instance segmentation ("treats the prediction of each object query as one object mask
+proposal"; used for YouTube-VIS in §4.3 and §5): each tube's mask is ``{p > 0.4}``, tubes are
+ranked by class confidence × mean mask probability and pasted onto free pixels (class
+thresholds 0.7 thing / 0.5 stuff; a tube is skipped unless more than 80% of its mask is still
+free), as deeplab2's 'maskwise' does.
+
+Usage (``thing_stuff_class_ids`` is in `minivseg.panoptic`)::
+
+    outputs = model(frames)               # class_logits (B, N, K+1), mask_logits (B, N, T, h, w)
+    class_ids = thing_stuff_class_ids()   # channel order: things, stuff ascending, then void
+    panoptic = clip_inference(outputs, (H, W), class_ids)              # B x (T, H, W) int64
+    semantic = clip_inference(outputs, (H, W), class_ids, "semantic")  # no thresholds, for mIoU
+    vis = clip_inference(outputs, (H, W), class_ids, "mask")           # per-mask (VIS) variant
 
 The paper does not number these equations; comments cite them as §3.4.
 

@@ -1,432 +1,107 @@
-"""Video segmentation metrics: STQ, VPQ, mIoU and flicker rate.
+r"""Video segmentation metrics in one place, and ``python -m minivseg.metrics`` for PNG folders.
 
-Every panoptic metric here is computed from one sufficient statistic, the joint histogram of
-(ground-truth id, predicted id) pixel pairs of a frame (`PairCounter`); no frame is kept.
+Each metric lives in the file of its family; import them from here:
 
-- **STQ** (STEP, Weber et al. 2021; TubeFormer-DeepLab §4.1 on KITTI-STEP): with tubes ``g``
-  (GT tracks) and ``p`` (predicted tracks) pooled over a sequence,
-  ``AQ = 1/|G| Σ_g 1/|g| Σ_p TPA(p,g)·IoU(p,g)``, ``SQ`` = mean class IoU,
-  ``STQ = sqrt(AQ·SQ)``. Numbers equal deeplab2's numpy ``STQuality`` (which encodes ids by bit
-  shift; ours are ``semantic*label_divisor + instance``), including its conventions: crowd (thing,
-  instance 0) is left out of association on both sides; predicted thing pixels on GT void or
-  stuff enlarge the predicted tube; a void prediction on a labelled pixel enters SQ as an extra
-  "void" class of IoU 0; AQ is pooled by tube over sequences; SQ comes from the summed confusion
-  matrix over classes with non-zero union.
-- **VPQ** (VPSNet, Kim et al. 2020, official ``tools/eval_vpq.py`` at 72d59ab3 or later; reported
-  in TubeFormer-DeepLab §5): windows of 1-4 consecutive frames sliding by one; tubes are the
-  stacked segments; PQ matching at tube IoU > 0.5 with the union discounting GT-void overlap;
-  crowd is never a false negative and discounts same-class false positives; IoU/TP/FP/FN are
-  summed per class over all windows; ``VPQ`` = mean over window sizes of 100·PQ.
-- **mIoU** from a confusion matrix (STT §4.1.2); **flicker rate**, the share of pixels whose
-  predicted class changes while the GT class does not (a flow-free stand-in for the TC of STT
-  §4.1.2).
-- Video mask AP/AR on whole videos with the YouTube-VIS rules is in `minivseg.video_ap`.
+- `STQ` (`minivseg.stq`): Segmentation and Tracking Quality, ``STQ = sqrt(AQ · SQ)`` (STEP §4;
+  KITTI-STEP in TubeFormer-DeepLab §4.1); reproduces deeplab2's numpy ``STQuality``
+  (evaluation/numpy/segmentation_and_tracking_quality.py).
+- `VPQ` (`minivseg.vpq`): Video Panoptic Quality over windows of 1-4 frames, x100 (VPSNet;
+  TubeFormer-DeepLab §5); reproduces VPSNet's ``tools/eval_vpq.py`` (mcahny/vps, 72d59ab3 or
+  later), not deeplab2's TF ``VideoPanopticQuality``, which is a different number.
+- `MeanIoU`, `Flicker`, `flicker_rate` (`minivseg.semantic_metrics`): mean class IoU (STT
+  §4.1.2) and the share of pixels whose predicted class changes while the GT class does not (a
+  flow-free stand-in for STT's TC); no reference implementation.
+- `minivseg.video_ap.VideoAP`: video mask AP/AR of whole-video tracks with sequence IoU (VisTR
+  §4); reproduces YouTube-VIS ``ytvoseval.py``.
+- `PairCounter`, `merge_counts`, `class_iou` (`minivseg.pair_counting`): the joint histogram of
+  (GT id, predicted id) pixel pairs that STQ, VPQ and video AP reduce each frame to, so that no
+  frame is kept and memory does not grow with the number of frames.
 
-Deliberate differences:
-- counts are exact int64; deeplab2's numpy STQ under NumPy >= 2 accumulates areas in float32,
-  so its AQ drifts by ~1e-7 relative (it matched to 1e-9 when run with float64 areas);
-- ``ignore_label`` must be >= ``num_classes`` (deeplab2 also allows an ignore id inside the range);
-- VPQ in our id format: a panoptic id is a segment, every void id ``255*1000 + x`` is VOID, a GT
-  thing pixel with instance 0 is the crowd segment of its class, and all pixels of a stuff class
-  (whatever their instance number) are one segment, in GT and prediction alike;
-- VPQ groups (all/thing/stuff) with no class present give NaN where upstream divides by zero;
-- deeplab2's TF ``VideoPanopticQuality`` differs from the official VPQ (and so from ours): it
-  scores whatever frames the caller concatenates (its trainer logs 2-frame windows only), only the
-  id ``ignore*max_instances`` counts as void, it has no crowd (crowd must be encoded as void), and
-  it reports no thing/stuff split; its docstring warns it "may give a bit higher VPQ".
+Usage::
+
+    from minivseg.metrics import STQ, VPQ, MeanIoU
+    from minivseg.panoptic import NUM_CLASSES, THING_CLASSES, semantic_of
+
+    stq, vpq = STQ(NUM_CLASSES, THING_CLASSES), VPQ(NUM_CLASSES, THING_CLASSES)
+    miou = MeanIoU(NUM_CLASSES)
+    for name, (gt_video, pred_video) in videos.items():  # (T, H, W) ids semantic*1000 + instance
+        for gt, pred in zip(gt_video, pred_video):
+            stq.update(gt, pred, sequence_id=name)       # one frame at a time
+            miou.update(semantic_of(gt), semantic_of(pred))
+        vpq.update(gt_video, pred_video)                 # one whole video at a time
+    stq.result(), vpq.result(), miou.result()
+
+STQ, AQ, SQ and mIoU lie in [0, 1] (as deeplab2 prints them); VPQ is x100 (as VPSNet prints it).
+Each module's docstring gives its exact conventions and differences from the reference code;
+lesson 06 works examples (AQ versus SQ) and lists the measured agreement and speed.
+
+Evaluating saved PNG predictions::
+
+    python -m minivseg.metrics --gt /data/kitti-step --pred runs/kitti/predictions \
+        --split val --json metrics.json
+
+``--gt`` and ``--pred`` are resolved the same way: if ``DIR/panoptic_maps/SPLIT/`` exists (a
+KITTI-STEP root, e.g. the dataset or ``python -m minivseg.evaluate --out DIR``), the sequences
+are its sub-folders; otherwise ``DIR`` itself holds ``SEQ/FRAME.png``. Files are KITTI-STEP
+panoptic PNGs (R = class, G·256 + B = instance), read with label divisor 65536 so that
+stitched track ids up to 65535 survive. The frames evaluated are the GT frames; each needs a
+prediction with the same ``SEQ/FRAME.png`` name (extra predicted frames are ignored). The
+command stops with exit code 2 and a message naming the file when a prediction is missing,
+unreadable, of another size than its GT, or holds an unknown class id. It prints per-sequence
+STQ/AQ/SQ, PQ/SQ/RQ per window size, VPQ and mIoU, and with ``--json`` writes everything (NaN as
+``null``). On two synthetic 10-frame 375×1242 sequences (0.95 s on this project's 2-core x86 CPU
+machine, shared with other jobs)::
+
+    sequence   frames tubes    STQ     AQ     SQ
+    0002           10    20  0.886  0.832  0.943
+    0006           10    20  0.891  0.852  0.932
+    all            20    40  0.888  0.842  0.937
+
+    window         PQ     SQ     RQ PQ_thing PQ_stuff
+    1 frames    95.40  96.09  99.29    94.20    95.88
+    2 frames    95.11  96.08  98.98    93.18    95.88
+    3 frames    94.92  95.93  98.95    92.54    95.87
+    4 frames    94.62  95.86  98.70    91.49    95.87
+    VPQ 95.01 (thing 92.85, stuff 95.88)
+    mIoU 0.9372
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
-from einops import rearrange
 
+from minivseg.pair_counting import PairCounter, class_iou, merge_counts
 from minivseg.panoptic import (
-    IGNORE_LABEL,
-    LABEL_DIVISOR,
     NUM_CLASSES,
     THING_CLASSES,
     VIDEO_LABEL_DIVISOR,
     frame_order,
     read_kitti_step_png,
 )
+from minivseg.semantic_metrics import Flicker, MeanIoU, flicker_rate
+from minivseg.stq import STQ
+from minivseg.vpq import VPQ
 
-
-class PairCounter:
-    """Joint histogram of (GT id, predicted id) pixel pairs, one frame per call.
-
-    Ids are turned into small codes through look-up tables kept between frames, so a frame costs
-    two table look-ups and one integer ``bincount``. Code 0 means "not seen yet": when a pair
-    histogram has counts in code 0, the new ids get codes and the slice is counted again. When the
-    code space outgrows the frame, the tables start afresh.
-    """
-
-    chunk_pixels = 1 << 16  # frames are counted in slices this long to keep temporaries in cache
-
-    def __init__(self, id_limit: int):
-        self.id_limit = id_limit  # ids must lie in [0, id_limit)
-        self._tables = [np.zeros(id_limit, dtype=np.intp) for _ in range(2)]
-        self._values = [np.full(1, -1, dtype=np.int64) for _ in range(2)]  # id of each code
-
-    def reset(self) -> None:
-        for table, values in zip(self._tables, self._values):
-            table[values[1:]] = 0
-        self._values = [np.full(1, -1, dtype=np.int64) for _ in range(2)]
-
-    def _learn(self, side: int, ids: np.ndarray) -> None:
-        """Give the next free codes to the ids that have none yet."""
-        table, values = self._tables[side], self._values[side]
-        fresh = np.unique(ids[np.take(table, ids) == 0])  # not bincount: ids may reach 256·65536
-        table[fresh] = np.arange(len(values), len(values) + len(fresh))
-        self._values[side] = np.concatenate([values, fresh])
-
-    def _count(self, gt: np.ndarray, pred: np.ndarray):
-        """Histogram of the pair codes ``gt_code * num_pred + pred_code`` of a slice of pixels."""
-        num_pred = len(self._values[1])
-        codes = np.take(self._tables[0], gt)
-        codes *= num_pred
-        codes += np.take(self._tables[1], pred)
-        histogram = np.bincount(codes)
-        if histogram[:num_pred].any() or histogram[::num_pred].any():
-            self._learn(0, gt)
-            self._learn(1, pred)
-            return self._count(gt, pred)
-        return histogram, num_pred
-
-    def __call__(self, gt: np.ndarray, pred: np.ndarray):
-        """``gt, pred (H, W)`` int ids -> ``(gt_ids, pred_ids, counts)``, one entry per pair."""
-        gt, pred = np.asarray(gt), np.asarray(pred)
-        if gt.shape != pred.shape:
-            raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
-        if len(self._values[0]) * len(self._values[1]) > gt.size:
-            self.reset()
-        gt, pred = gt.ravel(), pred.ravel()
-        keys, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-        for start in range(0, gt.size, self.chunk_pixels):
-            gt_part = gt[start : start + self.chunk_pixels]
-            pred_part = pred[start : start + self.chunk_pixels]
-            try:
-                if gt_part.min() < 0 or pred_part.min() < 0:
-                    raise IndexError
-                histogram, num_pred = self._count(gt_part, pred_part)
-            except IndexError:
-                raise ValueError(f"panoptic ids must be integers in [0, {self.id_limit})") from None
-            pairs = np.flatnonzero(histogram)
-            gt_ids, pred_ids = self._values[0][pairs // num_pred], self._values[1][pairs % num_pred]
-            keys.append(gt_ids * self.id_limit + pred_ids)
-            counts.append(histogram[pairs])
-        keys, counts = merge_counts(np.concatenate(keys), np.concatenate(counts))
-        return keys // self.id_limit, keys % self.id_limit, counts
-
-
-def merge_counts(keys: np.ndarray, counts: np.ndarray):
-    """Sum ``counts`` of equal ``keys``: returns sorted unique keys and their int64 totals."""
-    keys, inverse = np.unique(keys, return_inverse=True)
-    return keys, np.bincount(inverse, weights=counts, minlength=len(keys)).astype(np.int64)
-
-
-def class_iou(confusion: np.ndarray) -> np.ndarray:
-    """``(K, K)`` confusion (rows GT, columns prediction) -> ``(K,)`` IoU, NaN where union is 0."""
-    hits = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - hits
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return hits / union
-
-
-def _nanmean(values) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if values.size else math.nan
-
-
-class _PanopticMetric:
-    """Shared set-up: class table, id range and validation of panoptic ids."""
-
-    def __init__(self, num_classes, thing_classes, label_divisor, ignore_label):
-        if ignore_label < num_classes:
-            raise ValueError(f"ignore_label {ignore_label} must be >= num_classes {num_classes}")
-        self.num_classes = num_classes
-        self.label_divisor = label_divisor
-        self.ignore_label = ignore_label
-        self.thing_classes = tuple(thing_classes)
-        self.id_limit = (ignore_label + 1) * label_divisor
-        self._counter = PairCounter(self.id_limit)
-
-    def _count_pairs(self, gt, pred):
-        gt_ids, pred_ids, counts = self._counter(gt, pred)
-        for name, ids in (("ground truth", gt_ids), ("prediction", pred_ids)):
-            semantic = ids // self.label_divisor
-            bad = semantic[(semantic >= self.num_classes) & (semantic != self.ignore_label)]
-            if bad.size:
-                raise ValueError(
-                    f"{name} has unknown class ids {sorted(set(bad.tolist()))}: expected "
-                    f"0..{self.num_classes - 1} or the ignore label {self.ignore_label}"
-                )
-        return gt_ids, pred_ids, counts
-
-    def _class_index(self, ids: np.ndarray) -> np.ndarray:
-        """Semantic class of each id, with void moved to index ``num_classes``."""
-        semantic = ids // self.label_divisor
-        return np.where(semantic == self.ignore_label, self.num_classes, semantic)
-
-    def _is_thing(self, ids: np.ndarray) -> np.ndarray:
-        return np.isin(ids // self.label_divisor, self.thing_classes)
-
-
-class STQ(_PanopticMetric):
-    """Segmentation and Tracking Quality, accumulated frame by frame and sequence by sequence."""
-
-    def __init__(
-        self, num_classes, thing_classes, label_divisor=LABEL_DIVISOR, ignore_label=IGNORE_LABEL
-    ):
-        super().__init__(num_classes, thing_classes, label_divisor, ignore_label)
-        self._pairs = {}  # sequence id -> (keys gt_id*id_limit + pred_id, pixel counts)
-        self._num_frames = collections.Counter()
-
-    def update(self, gt: np.ndarray, pred: np.ndarray, sequence_id=0) -> None:
-        """Add one frame: ``gt, pred (H, W)`` panoptic ids ``semantic*label_divisor + instance``."""
-        gt_ids, pred_ids, counts = self._count_pairs(gt, pred)
-        keys = gt_ids * self.id_limit + pred_ids
-        old_keys, old_counts = self._pairs.get(sequence_id, (keys[:0], counts[:0]))
-        self._pairs[sequence_id] = merge_counts(
-            np.concatenate([old_keys, keys]), np.concatenate([old_counts, counts])
-        )
-        self._num_frames[sequence_id] += 1
-
-    def _confusion(self, gt_ids, pred_ids, counts) -> np.ndarray:
-        size = self.num_classes + 1
-        cells = self._class_index(gt_ids) * size + self._class_index(pred_ids)
-        confusion = np.bincount(cells, weights=counts, minlength=size * size)
-        confusion = rearrange(confusion, "(g p) -> g p", p=size)
-        confusion[self.num_classes] = 0  # predictions on GT void do not count
-        return confusion
-
-    def _association(self, gt_ids, pred_ids, counts):
-        """Unnormalised AQ of one sequence, ``Σ_g 1/|g| Σ_p TPA·IoU``, and its number of tubes."""
-        gt_thing, pred_thing = self._is_thing(gt_ids), self._is_thing(pred_ids)
-        crowd = gt_thing & (gt_ids % self.label_divisor == 0)
-        in_tube, in_prediction = gt_thing & ~crowd, pred_thing & ~crowd
-        tube_ids, tube_index = np.unique(gt_ids[in_tube], return_inverse=True)
-        tube_area = np.bincount(tube_index, weights=counts[in_tube])
-        track_ids, track_index = np.unique(pred_ids[in_prediction], return_inverse=True)
-        track_area = np.bincount(track_index, weights=counts[in_prediction])
-        hit = in_tube & pred_thing
-        tpa = counts[hit].astype(np.float64)
-        g_area = tube_area[np.searchsorted(tube_ids, gt_ids[hit])]
-        p_area = track_area[np.searchsorted(track_ids, pred_ids[hit])]
-        iou = tpa / (g_area + p_area - tpa)  # IoU(p, g) = TPA / (TPA + FPA + FNA)
-        # AQ (STEP §4), before dividing by the number of tubes: Σ_g 1/|g| Σ_p TPA(p,g)·IoU(p,g)
-        return float(np.sum(tpa * iou / g_area)), len(tube_ids)
-
-    def result(self) -> dict:
-        """``STQ``, ``AQ``, ``SQ`` over all sequences, and per sequence under ``per_sequence``."""
-        size = self.num_classes + 1
-        total_confusion, total_aq, total_tubes = np.zeros((size, size)), 0.0, 0
-        per_sequence = {}
-        for sequence_id, (keys, counts) in self._pairs.items():
-            gt_ids, pred_ids = np.divmod(keys, self.id_limit)
-            confusion = self._confusion(gt_ids, pred_ids, counts)
-            aq_sum, num_tubes = self._association(gt_ids, pred_ids, counts)
-            total_confusion += confusion
-            total_aq, total_tubes = total_aq + aq_sum, total_tubes + num_tubes
-            aq = aq_sum / num_tubes if num_tubes else 0.0
-            sq = _nanmean(class_iou(confusion))  # the void column stays in: deeplab2 convention
-            per_sequence[sequence_id] = {
-                "STQ": math.sqrt(aq * sq),
-                "AQ": aq,
-                "SQ": sq,
-                "num_frames": self._num_frames[sequence_id],
-                "num_tubes": num_tubes,
-            }
-        aq = total_aq / total_tubes if total_tubes else 0.0  # pooled by tube, not by sequence
-        sq = _nanmean(class_iou(total_confusion))
-        # STQ = sqrt(AQ · SQ)
-        return {"STQ": math.sqrt(aq * sq), "AQ": aq, "SQ": sq, "per_sequence": per_sequence}
-
-
-class VPQ(_PanopticMetric):
-    """Video Panoptic Quality over sliding windows of consecutive frames (official VPSNet rules)."""
-
-    def __init__(
-        self,
-        num_classes,
-        thing_classes,
-        label_divisor=LABEL_DIVISOR,
-        ignore_label=IGNORE_LABEL,
-        window_sizes=(1, 2, 3, 4),
-    ):
-        super().__init__(num_classes, thing_classes, label_divisor, ignore_label)
-        self.window_sizes = tuple(window_sizes)
-        self.void_id = ignore_label * label_divisor
-        # Per window size: summed IoU, TP, FP, FN of each class over every window seen.
-        self._stats = {size: np.zeros((4, num_classes)) for size in self.window_sizes}
-        self._recent = collections.deque(maxlen=max(self.window_sizes))
-
-    def update(self, gt_video: np.ndarray, pred_video: np.ndarray) -> None:
-        """Add one whole video: ``gt_video, pred_video (T, H, W)`` panoptic ids."""
-        self.start_video()
-        for gt, pred in zip(gt_video, pred_video, strict=True):
-            self.update_frame(gt, pred)
-
-    def start_video(self) -> None:
-        """Begin a new video: windows never span two videos."""
-        self._recent.clear()
-
-    def update_frame(self, gt: np.ndarray, pred: np.ndarray) -> None:
-        """Add the next ``(H, W)`` frame of the current video and score the windows it closes."""
-        gt_ids, pred_ids, counts = self._count_pairs(gt, pred)
-        keys = self._segment(gt_ids) * self.id_limit + self._segment(pred_ids)
-        self._recent.append(merge_counts(keys, counts))
-        for size in self.window_sizes:
-            if len(self._recent) >= size:
-                window = list(self._recent)[-size:]
-                keys, counts = merge_counts(*map(np.concatenate, zip(*window)))
-                self._stats[size] += self._score_window(keys, counts)
-
-    def _segment(self, ids: np.ndarray) -> np.ndarray:
-        """Segment of each id: itself for things (crowd included), the class for stuff, VOID."""
-        semantic = ids // self.label_divisor
-        segment = np.where(self._is_thing(ids), ids, semantic * self.label_divisor)
-        return np.where(semantic == self.ignore_label, self.void_id, segment)
-
-    def _score_window(self, keys, counts) -> np.ndarray:
-        """Per-class ``(4, K)`` IoU sum, TP, FP, FN of one window of stacked frames."""
-        num_classes = self.num_classes
-        gt_ids, g = np.unique(keys // self.id_limit, return_inverse=True)
-        pred_ids, p = np.unique(keys % self.id_limit, return_inverse=True)
-        gt_area, pred_area = np.bincount(g, weights=counts), np.bincount(p, weights=counts)
-        gt_class, pred_class = gt_ids // self.label_divisor, pred_ids // self.label_divisor
-        gt_void, pred_void = gt_ids == self.void_id, pred_ids == self.void_id
-        gt_crowd = self._is_thing(gt_ids) & (gt_ids % self.label_divisor == 0)
-        same_class = gt_class[g] == pred_class[p]
-        on_void = np.bincount(p, weights=counts * gt_void[g], minlength=len(pred_ids))
-        # Tube IoU with the union discounting the prediction's overlap with GT void.
-        union = pred_area[p] + gt_area[g] - counts - on_void[p]
-        with np.errstate(divide="ignore", invalid="ignore"):  # only GT-void pairs can have 0
-            iou = counts / union
-        match = same_class & ~gt_void[g] & ~gt_crowd[g] & (iou > 0.5)
-        gt_matched = np.zeros(len(gt_ids), bool)
-        gt_matched[g[match]] = True
-        pred_matched = np.zeros(len(pred_ids), bool)
-        pred_matched[p[match]] = True
-        # An unmatched prediction lying mostly on void or same-class crowd is not a false positive.
-        crowd = gt_crowd[g] & same_class
-        on_crowd = np.bincount(p, weights=counts * crowd, minlength=len(pred_ids))
-        ignored = (on_void + on_crowd) / pred_area > 0.5
-        false_negative = ~gt_matched & ~gt_void & ~gt_crowd
-        false_positive = ~pred_matched & ~pred_void & ~ignored
-        return np.stack(
-            [
-                np.bincount(gt_class[g[match]], weights=iou[match], minlength=num_classes),
-                np.bincount(gt_class[g[match]], minlength=num_classes),
-                np.bincount(pred_class[false_positive], minlength=num_classes),
-                np.bincount(gt_class[false_negative], minlength=num_classes),
-            ]
-        )
-
-    def _window_result(self, stats) -> dict:
-        iou, tp, fp, fn = stats
-        present = tp + fp + fn > 0
-        # PQ_c = ΣIoU / (TP + FP/2 + FN/2) = SQ_c · RQ_c, with SQ_c = ΣIoU / TP (0 if no TP)
-        denominator = np.where(present, tp + 0.5 * fp + 0.5 * fn, 1.0)
-        pq, rq = 100 * iou / denominator, 100 * tp / denominator
-        sq = 100 * iou / np.maximum(tp, 1)
-        thing = np.isin(np.arange(self.num_classes), self.thing_classes)
-        result = {"PQ_per_class": np.where(present, pq, np.nan).tolist()}
-        for suffix, group in (
-            ("", present),
-            ("_thing", present & thing),
-            ("_stuff", present & ~thing),
-        ):
-            for name, values in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
-                result[name + suffix] = _nanmean(values[group])
-        return result
-
-    def result(self) -> dict:
-        """``VPQ``, ``VPQ_thing``, ``VPQ_stuff`` (x100, mean over window sizes), ``per_window``."""
-        per_window = {size: self._window_result(self._stats[size]) for size in self.window_sizes}
-        result = {
-            f"VPQ{suffix}": float(np.mean([per_window[s]["PQ" + suffix] for s in per_window]))
-            for suffix in ("", "_thing", "_stuff")
-        }
-        return result | {"per_window": per_window}
-
-
-class MeanIoU:
-    """Mean IoU of semantic maps from a confusion matrix; GT-void pixels are not counted."""
-
-    def __init__(self, num_classes, ignore_label=IGNORE_LABEL):
-        if ignore_label < num_classes:
-            raise ValueError(f"ignore_label {ignore_label} must be >= num_classes {num_classes}")
-        self.num_classes, self.ignore_label = num_classes, ignore_label
-        self.confusion = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
-
-    def _index(self, semantic: np.ndarray, name: str) -> np.ndarray:
-        index = np.where(semantic == self.ignore_label, self.num_classes, semantic).ravel()
-        if index.size and (index.min() < 0 or index.max() > self.num_classes):
-            raise ValueError(f"{name} has class ids outside 0..{self.num_classes - 1} and ignore")
-        return index
-
-    def update(self, gt_semantic: np.ndarray, pred_semantic: np.ndarray) -> None:
-        """Add class maps of any equal shape, e.g. ``(H, W)`` or ``(T, H, W)``."""
-        gt_semantic, pred_semantic = np.asarray(gt_semantic), np.asarray(pred_semantic)
-        if gt_semantic.shape != pred_semantic.shape:
-            raise ValueError(f"shapes differ: {gt_semantic.shape} vs {pred_semantic.shape}")
-        size = self.num_classes + 1
-        cells = self._index(gt_semantic, "ground truth") * size
-        cells += self._index(pred_semantic, "prediction")
-        self.confusion += rearrange(np.bincount(cells, minlength=size**2), "(g p) -> g p", p=size)
-
-    def result(self) -> dict:
-        """``mIoU`` (mean over classes with non-zero union) and ``IoU_per_class`` (NaN if absent).
-
-        A void prediction on a labelled pixel is a miss for the GT class; unlike STQ's SQ it adds
-        no "void class" to the mean.
-        """
-        confusion = self.confusion.copy()
-        confusion[self.num_classes] = 0
-        iou = class_iou(confusion)[: self.num_classes]
-        return {"mIoU": _nanmean(iou), "IoU_per_class": iou.tolist()}
-
-
-class Flicker:
-    """Share of pixels whose predicted class changes between consecutive frames while the GT
-    class stays the same (GT void excluded), pooled over all frame pairs of all videos."""
-
-    def __init__(self, ignore_label=IGNORE_LABEL):
-        self.ignore_label = ignore_label
-        self.stable_pixels, self.flickering_pixels = 0, 0
-
-    def update(self, gt_semantic_video: np.ndarray, pred_semantic_video: np.ndarray) -> None:
-        """Add one video of class maps ``(T, H, W)``."""
-        gt, pred = np.asarray(gt_semantic_video), np.asarray(pred_semantic_video)
-        if gt.shape != pred.shape or gt.ndim != 3:
-            raise ValueError(f"expected two equal (T, H, W) videos, got {gt.shape}, {pred.shape}")
-        stable = (gt[1:] == gt[:-1]) & (gt[1:] != self.ignore_label)
-        self.stable_pixels += int(stable.sum())
-        self.flickering_pixels += int((stable & (pred[1:] != pred[:-1])).sum())
-
-    def result(self) -> dict:
-        rate = self.flickering_pixels / self.stable_pixels if self.stable_pixels else math.nan
-        return {
-            "flicker": rate,
-            "stable_pixels": self.stable_pixels,
-            "flickering_pixels": self.flickering_pixels,
-        }
-
-
-def flicker_rate(gt_semantic_video, pred_semantic_video, ignore_label=IGNORE_LABEL) -> float:
-    """Flicker rate of one ``(T, H, W)`` video (see `Flicker`)."""
-    flicker = Flicker(ignore_label)
-    flicker.update(gt_semantic_video, pred_semantic_video)
-    return flicker.result()["flicker"]
+__all__ = [
+    "STQ",
+    "VPQ",
+    "MeanIoU",
+    "Flicker",
+    "flicker_rate",
+    "PairCounter",
+    "merge_counts",
+    "class_iou",
+    "to_json",
+    "evaluate_folders",
+    "format_table",
+    "main",
+]
 
 
 # ---- command line: python -m minivseg.metrics --gt DIR --pred DIR [--split val] [--json OUT] ----

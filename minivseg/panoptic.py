@@ -1,14 +1,24 @@
 """Panoptic ids, the KITTI-STEP class table and PNG codec, and colours for panoptic maps.
 
-A panoptic id packs a pixel's class and its instance (track) into one integer (DeepLab2 §3,
-KITTI-STEP): ``panoptic = semantic * LABEL_DIVISOR + instance``.
+A panoptic id packs a pixel's class and its instance (track) into one integer (DeepLab2 paper §2,
+"Image Panoptic Segmentation"; KITTI-STEP; no numbered equation):
+``panoptic = semantic * LABEL_DIVISOR + instance``.
 
-- ``semantic`` is a train id in ``0..18`` or ``IGNORE_LABEL = 255`` (void);
-- ``instance`` is the track id for "thing" classes (person 11, car 13), consistent over a whole
-  sequence, and ``0`` for "stuff" classes;
-- a thing pixel with instance 0 is **crowd**: semantically labelled, but in no tube.
+- ``semantic`` is a train id in ``0..18`` or ``IGNORE_LABEL = 255`` (void, ignored by losses and
+  metrics). The 19 classes are the Cityscapes train ids and colours (`CLASS_NAMES`,
+  `CLASS_COLORS`); only person (11) and car (13) are things, so rider, truck, bus, ... are stuff.
+- ``instance`` is the track id for the thing classes, consistent over a whole sequence, and ``0``
+  for stuff classes;
+- a thing pixel with instance 0 is **crowd**: semantically labelled, but in no tube (`is_crowd`).
 
-KITTI-STEP stores each frame as an RGB PNG with ``R = semantic`` and ``G * 256 + B = instance``.
+KITTI-STEP stores each label frame as an 8-bit RGB PNG with ``R = semantic`` and
+``G * 256 + B = instance`` (deeplab2 ``data/utils/create_step_panoptic_maps.py`` writes it,
+``data/build_step_data.py`` reads it); `read_kitti_step_png` and `write_kitti_step_png` are that
+codec, and raise naming the file. Frame names must sort in time order: `frame_order` reads names
+that are all numbers in numeric order (``2.png`` before ``10.png``) and anything else as text;
+zero-padded names (``000010.png``, as KITTI-STEP ships them) are safest, since other tools sort
+as text (`unpadded_names` finds the rest).
+
 Ground truth and clips use ``LABEL_DIVISOR = 1000``. Stitched videos use
 ``VIDEO_LABEL_DIVISOR = 65536``: a long sequence can need more than 999 track ids per class, and a
 PNG holds instance ids up to 65535. Every function here takes a ``label_divisor``.

@@ -1,39 +1,63 @@
-"""Sparse Temporal Transformer (STT): the current frame's features attend to the T previous frames,
-made cheap by query selection and key selection, plugged between a per-frame encoder and a PSP
-decoder (Li et al., "Video Semantic Segmentation via Sparse Temporal Transformer", ACM MM 2021).
+"""Sparse Temporal Transformer (STT): the current frame's features attend to those of the T
+previous frames, made cheap by selecting queries and keys (Li et al., "Video Semantic Segmentation
+via Sparse Temporal Transformer", ACM MM 2021, §3.2). Dense temporal attention costs O(T h^2 w^2);
+with both selections it is O(T h w) (§3.2.3, last paragraph). `minivseg.stt_segmenter` puts this
+layer between a per-frame encoder and a PSP decoder (§3.1, Fig. 2).
 
-Implements §3.2.1 query selection by the Neighbouring Similarity Matrix (Eq. 1-4), §3.2.2 key
-selection by growing windows (Eq. 5), §3.2.3 the temporal transformer encoder (Eq. 6-10), and a
-dense mode (every query, every key) for comparison. No public code exists; this file is the
-reference. `windowed_attention` gathers each query's keys (the readable form); `tiled_attention`
-(the default) gives the same output from one matrix product per group of 4 x 4 query tiles.
-Choices where the paper is silent or inconsistent:
+- Query selection (§3.2.1, Eq. 1-4): `neighborhood_similarity` scores each position q against its
+  (2r+1)^2 neighbourhood Q^n, D_NSM = KL(p_u || softmax(Q^n q)) + mean_i(1 - cos(Q^n_i, q)): high
+  at boundaries and small objects, near zero in flat regions. `select_queries` keeps the top 50%
+  (r = 5, Table 4 row 3); the other positions pass through unchanged.
+- Key selection (§3.2.2, Eq. 5): in key frame t (1 farthest ... T nearest) a query sees only the
+  (2 l_t + 1)^2 window around its own position, l_t = min(s + (T - t) eps, e) (`key_window_radii`,
+  `key_window_index`). s=1, e=5, eps=1, T=7 give radii 5,5,5,4,3,2,1: 527 keys per query. All
+  seven key sizes of Table 3 (527, 639, 735, 279, 679, 663, 695) follow from Eq. (5).
+- Encoder layer (§3.2.3, Eq. 6-10, `SparseTemporalTransformer`): an MLP reduces Q, K, V to d_t/4;
+  each selected query attends to its own key windows (the dense attention is never formed), then
+  a post-LN residual and an FFN. `dense=True` uses every query and every key, for comparison.
 
-- Eq. (2) is printed as sum p_u log(p_sim / p_u), which is <= 0; we use the standard
-  KL(p_u || p_sim) = sum p_u log(p_u / p_sim) >= 0, large when neighbours differ (as the text says).
-- The neighbourhood includes the centre; at the borders only in-bounds neighbours count.
-- One shared two-layer MLP reduces query, key and value maps from d_t to d_t / 4 (§3.2.3). NSM is
-  computed on the reduced query map, without gradient (top-k selection is not differentiable).
-- The encoder layer (Eq. 6-10) works at d_t / 4; its FFN hidden width is d_hat = d_t / (4 n_h) as
-  printed under Eq. (10) unless `ffn_channels` is given. A linear map brings the result back to
-  d_t and adds it to the input feature at the selected positions. Unselected positions pass
-  through unchanged (the paper does not say what happens to them).
+The windowed attention has two forms with the same output (tested to 1e-5, gradients included).
+`windowed_attention` gathers each query's n_k keys, in chunks of queries: the readable reference.
+`tiled_attention`, the default (`tiled=True`), groups the queries in 4 x 4 tiles of the map; a
+tile attends to the union of its queries' windows ((4 + 2 l_t)^2 keys in key frame t, 932 in all
+at T = 7 instead of 527) by one batched matrix product per group of 8 tiles, masked to each
+query's own window and to the map. More multiply-adds, but as matrix products instead of a
+memory-bound gather: about 4x faster on one CPU thread at the paper's size (measured by
+tests/benchmarks/bench_sparse_temporal.py, whose docstring has the numbers).
+
+Choices where the paper is silent or inconsistent (no public code exists; this file is the
+reference):
+
+- The printed Eq. (2), sum p_u log(p_sim / p_u), is <= 0; we use the standard
+  KL(p_u || p_sim) = sum p_u log(p_u / p_sim) >= 0, large when the neighbours differ, as the text
+  says. Eq. (1) has no temperature. The neighbourhood includes the centre and is cut at the
+  borders: n_b counts the in-bounds neighbours only.
+- One shared two-layer MLP reduces the query, key and value maps from d_t to d_t / 4 (§3.2.3, "a
+  multi-layer perceptron"). Keys and values are the same reduced maps (§1: the key and value
+  feature maps are identical), projected by W^K and W^V. NSM is computed on the reduced query
+  map, without gradient (top-k selection is not differentiable).
+- The layer works at d_t / 4; the FFN hidden width is d_hat = d_t / (4 n_h), the d_hat = d_t / n_h
+  of W_1 under Eq. (10) at that width, unless `ffn_channels` is given. A linear map brings the
+  result back to d_t and it is added to the input features at the selected positions; unselected
+  positions pass through unchanged. The paper says neither how d_t / 4 returns to d_t nor what
+  happens at unselected positions.
 - No positional encoding (the paper mentions none). Window keys outside the map are masked.
-- `STTSegmenter` encodes with a compact dilated ResNet (output stride 8 or 16), not ResNet-18.
-  Preset "paper" uses stride 16, so a 1024 x 2048 frame gives the 64 x 128 maps that Table 3's
-  57,344 = 7 x 64 x 128 keys imply, and 8 heads (n_h is not printed).
+
+Usage (lesson 05 rebuilds this file and proves it equal):
+
+    key_window_radii(7)                         # [5, 5, 5, 4, 3, 2, 1], farthest key frame first
+    nsm = neighborhood_similarity(features, 5)  # (B, C, H, W) -> (B, H, W)
+    stt = SparseTemporalTransformer(512, num_key_frames=7, num_heads=8)  # dense=True: full
+    out = stt(query, keys)  # query (B, C, H, W), keys (B, T, C, H, W) oldest first
+    # out["features"] (B, C, H, W), out["selected"] (B, N) updated positions, out["nsm"] (B, H, W)
 """
 
 import math
-from collections import deque
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-
-from minivseg.backbone import BottleneckBlock, conv_bn
 
 
 def key_window_radii(num_key_frames: int, start: int = 1, end: int = 5, expansion: int = 1):
@@ -114,9 +138,11 @@ def windowed_attention(q, k, v, index, inside, num_heads: int, chunk_size: int =
     pattern = "(b q k) (h d) -> b q k h d"
     k, v = (rearrange(x.flatten(0, 1)[rows], pattern, b=B, q=N, h=num_heads) for x in (k, v))
     q = rearrange(q, "b q (h d) -> b q h d", h=num_heads)
-    # products and sums, not einsum: einsum would copy the gathered keys into a bmm layout
+    # Eq. (6): softmax_k(q . k / sqrt(d_hat)) v over the query's own n_k keys. Products and sums,
+    # not einsum: einsum would copy the gathered keys into a bmm layout
     logits = (q[:, :, None] * k).sum(-1) / math.sqrt(q.shape[-1])  # (B, N, n_k, h)
     attention = logits.masked_fill(~inside[..., None], float("-inf")).softmax(2)
+    # Eq. (7) without W^O: the heads concatenated
     return rearrange((attention[..., None] * v).sum(2), "b q h d -> b q (h d)")
 
 
@@ -164,6 +190,7 @@ def tiled_attention(q, k, v, selected, height, width, radii, num_heads: int, gro
         flat = ((b[g, None, None] * num_heads + heads) * T * Hp * Wp + index[g, None]).flatten()
         key, value = (z.reshape(-1, d).index_select(0, flat).view(-1, num_heads, len(offset), d)
                       for z in (k, v))  # fmt: skip
+        # Eq. (6) for a group of tiles (1 / sqrt(d_hat) is already in the queries)
         logits = queries[g] @ key.transpose(-1, -2)  # (n_g, h, S*S, M)
         logits += bias[g, None]
         out.append(logits.softmax(-1) @ value)  # (n_g, h, S*S, d)
@@ -177,12 +204,14 @@ def dense_attention(q, k, v, num_heads: int) -> torch.Tensor:
     Forms the (B, h, N, M) attention: O(N * M) time and memory.
     """
     q, k, v = (rearrange(x, "b n (h d) -> b h n d", h=num_heads) for x in (q, k, v))
+    # Eq. (6) on all M keys; Eq. (7) without W^O
     logits = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
     return rearrange(torch.einsum("bhqk,bhkd->bhqd", logits.softmax(-1), v), "b h q d -> b q (h d)")
 
 
 class SparseTemporalTransformer(nn.Module):
-    """STT (§3.2): query and key selection, then one temporal transformer encoder layer.
+    """STT (§3.2): query selection (§3.2.1), key selection (§3.2.2), then one temporal
+    transformer encoder layer (§3.2.3, Eq. 6-10) at d_t / 4 channels.
 
     Sparse attention is `tiled_attention` by default (faster), `windowed_attention` if not tiled.
     """
@@ -193,8 +222,8 @@ class SparseTemporalTransformer(nn.Module):
         num_key_frames: int,  # T previous frames
         num_heads: int = 8,  # n_h
         reduction: int = 4,  # Q, K, V reduced to d_t / reduction
-        ffn_channels: int | None = None,  # FFN hidden width; None = d_hat as printed (Eq. 9)
-        query_ratio: float = 0.5,  # fraction of positions selected as queries
+        ffn_channels: int | None = None,  # FFN hidden width; None: d_hat (W_1 under Eq. 10)
+        query_ratio: float = 0.5,  # fraction of positions selected as queries (top ratio)
         nsm_radius: int = 5,  # r of the NSM neighbourhood
         start: int = 1,  # s, key-window radius in the nearest key frame (Eq. 5)
         end: int = 5,  # e, largest key-window radius
@@ -208,15 +237,17 @@ class SparseTemporalTransformer(nn.Module):
         self.num_heads, self.query_ratio, self.nsm_radius = num_heads, query_ratio, nsm_radius
         self.radii = key_window_radii(num_key_frames, start, end, expansion)
         self.dense, self.tiled = dense, tiled
+        # §3.2.3: one MLP reduces Q, K and V from d_t to d_t / 4
         self.reduce = nn.Sequential(nn.Linear(channels, width), nn.ReLU(), nn.Linear(width, width))
         self.to_q = nn.Linear(width, width)  # W^Q_j of all heads, stacked
         self.to_k = nn.Linear(width, width)  # W^K_j
         self.to_v = nn.Linear(width, width)  # W^V_j
-        self.to_out = nn.Linear(width, width)  # W^O
+        self.to_out = nn.Linear(width, width)  # W^O (Eq. 7)
         self.norm1 = nn.LayerNorm(width)
+        # Eq. (9): max(0, X W_1 + b_1) W_2 + b_2
         self.ffn = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
         self.norm2 = nn.LayerNorm(width)
-        self.expand = nn.Linear(width, channels)
+        self.expand = nn.Linear(width, channels)  # not in the paper: back to d_t
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor) -> dict:
         """query (B, C, H, W) current frame; keys (B, T, C, H, W) previous frames, farthest first.
@@ -245,10 +276,12 @@ class SparseTemporalTransformer(nn.Module):
             selected = torch.arange(H * W, device=query.device).expand(B, -1)
             heads = dense_attention(self.to_q(q), k, v, self.num_heads)
         else:
-            q_map = rearrange(q.detach(), "b (h w) c -> b c h w", h=H)  # top-k: no gradient
+            # §3.2.1, Eq. (1)-(4): NSM of the reduced query map; top-k has no gradient
+            q_map = rearrange(q.detach(), "b (h w) c -> b c h w", h=H)
             nsm = neighborhood_similarity(q_map, self.nsm_radius)
             selected = select_queries(nsm, self.query_ratio)  # (B, N)
             q = q.gather(1, selected[..., None].expand(-1, -1, q.shape[-1]))  # (B, N, C/4)
+            # §3.2.2, Eq. (5)-(6): each selected query on its own key windows
             if self.tiled:
                 heads = tiled_attention(
                     self.to_q(q), k, v, selected, H, W, self.radii, self.num_heads
@@ -260,139 +293,8 @@ class SparseTemporalTransformer(nn.Module):
         x = self.norm1(q + self.to_out(heads))
         # Eq. (9)-(10): LN(X + FFN(X))
         x = self.norm2(x + self.ffn(x))
+        # not in the paper: added to the input at the selected positions, the rest unchanged
         position = selected[..., None].expand(-1, -1, C)
         updated = flat.gather(1, position) + self.expand(x).to(flat.dtype)
         features = rearrange(flat.scatter(1, position, updated), "b (h w) c -> b c h w", h=H)
         return {"features": features, "selected": selected, "nsm": nsm}
-
-
-class PyramidPooling(nn.Module):
-    """PSPNet decoder: pool into 1, 2, 3, 6 bins, project, upsample, concatenate, fuse, classify."""
-
-    def __init__(self, channels: int, num_classes: int, bins=(1, 2, 3, 6)):
-        super().__init__()
-        branch = channels // len(bins)
-        self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(channels, branch, 1), nn.ReLU())
-            for b in bins
-        )  # no norm: a 1x1 bin of a batch of one has no batch statistics
-        self.fuse = nn.Sequential(conv_bn(channels + branch * len(bins), channels, 3), nn.ReLU())
-        self.classify = nn.Conv2d(channels, num_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, K, H, W) logits."""
-        up = lambda y: F.interpolate(y, x.shape[-2:], mode="bilinear", align_corners=False)
-        return self.classify(self.fuse(torch.cat([x, *(up(s(x)) for s in self.stages)], 1)))
-
-
-class STTSegmenter(nn.Module):
-    """Video semantic segmentation (STT Fig. 2): shared encoder -> STT -> PSP decoder."""
-
-    def __init__(
-        self,
-        num_classes: int = 19,  # K
-        num_key_frames: int = 2,  # T previous frames used as keys
-        width: int = 32,  # encoder stem width; features have 4 * width channels (d_t)
-        use_stt: bool = True,  # False: same model, STT skipped (per-frame baseline)
-        num_heads: int = 4,  # n_h of the STT layer
-        output_stride: int = 8,  # 8: last block dilated; 16: last block strided (same weights)
-        **stt_options,  # further SparseTemporalTransformer options (query_ratio, end, ...)
-    ):
-        super().__init__()
-        self.num_classes, self.num_key_frames, self.use_stt = num_classes, num_key_frames, use_stt
-        self.encoder = nn.Sequential(
-            conv_bn(3, width, 3, stride=2),
-            BottleneckBlock(width, width // 2, stride=2),
-            BottleneckBlock(2 * width, width, stride=2),
-            BottleneckBlock(4 * width, width, output_stride // 8, dilation=16 // output_stride),
-            nn.ReLU(),
-        )  # 4 * width channels
-        self.stt = SparseTemporalTransformer(4 * width, num_key_frames, num_heads, **stt_options)
-        self.decoder = PyramidPooling(4 * width, num_classes)
-
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (N, 3, H, W) in [0, 255] -> features (N, 4 * width, H / stride, W / stride)."""
-        return self.encoder(frames / 127.5 - 1)
-
-    def decode(self, features, keys, size) -> torch.Tensor:
-        """features (B, C, h, w), keys (B, T, C, h, w) or None -> logits (B, K, *size)."""
-        if self.use_stt:
-            features = self.stt(features, keys)["features"]
-        return F.interpolate(self.decoder(features), size, mode="bilinear", align_corners=False)
-
-    def forward(self, frames: torch.Tensor) -> dict:
-        """frames (B, T+1, 3, H, W) in [0, 255] -> {"semantic_logits": (B, K, H, W)}, last frame.
-
-        The T earlier frames (oldest first) are the keys; without STT only the last is encoded.
-        """
-        size = frames.shape[-2:]
-        if not self.use_stt:
-            return {"semantic_logits": self.decode(self.encode(frames[:, -1]), None, size)}
-        features = self.encode(rearrange(frames, "b t c h w -> (b t) c h w"))
-        features = rearrange(features, "(b t) c h w -> b t c h w", b=frames.shape[0])
-        return {"semantic_logits": self.decode(features[:, -1], features[:, :-1], size)}
-
-    @torch.no_grad()
-    def semantic_frames(self, frames):
-        """Iterable of (3, H, W) frames in [0, 255] -> yields (H, W) int64 labels, frame by frame.
-
-        Eval mode (restored when the frames end), the frames' device, bf16 autocast on CUDA. Each
-        frame is encoded, and its key side (`stt.project`) computed, once; the last T frames' k, v
-        are kept. Frame f's keys are frames f-T ... f-1, frame 0 standing in for those before the
-        video starts: `forward` on the window frames[max(f-T..f, 0)] up to float rounding.
-        """
-        was_training = self.training
-        self.eval()
-        cache = deque(maxlen=self.num_key_frames)  # (k, v) of the previous T frames
-        try:
-            for frame in frames:
-                on_cuda = frame.device.type == "cuda"
-                with torch.autocast(frame.device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                    feature = self.encode(frame[None])  # (1, C, h, w)
-                    if self.use_stt:
-                        reduced, k, v = self.stt.project(feature[:, None])
-                        cache.extend([(k, v)] * (self.num_key_frames - len(cache)))  # frame 0
-                        keys = [torch.cat(z, 1) for z in zip(*cache)]  # k, v (1, T, h*w, C/4)
-                        feature = self.stt.attend(feature, *keys, reduced[:, 0])["features"]
-                        cache.append((k, v))
-                    logits = self.decoder(feature)
-                    size = frame.shape[-2:]
-                    logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
-                yield logits.argmax(1)[0]
-        finally:
-            self.train(was_training)
-
-    def semantic_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (F, 3, H, W) in [0, 255] -> (F, H, W) int64 labels (`semantic_frames`)."""
-        return torch.stack(list(self.semantic_frames(frames)))
-
-
-@dataclass
-class STTConfig:
-    num_classes: int = 19  # K
-    num_key_frames: int = 2  # T; training clips have T + 1 frames
-    width: int = 32  # encoder stem width; d_t = 4 * width
-    use_stt: bool = True  # False: the per-frame baseline
-    num_heads: int = 4  # n_h
-    ffn_channels: int | None = None  # None: d_hat as printed under Eq. (10)
-    query_ratio: float = 0.5  # top ratio of NSM (Table 4)
-    nsm_radius: int = 5  # r (Table 4)
-    start: int = 1  # s (Table 3)
-    end: int = 5  # e
-    expansion: int = 1  # eps
-    output_stride: int = 8  # 8 or 16
-    tiled: bool = True  # sparse attention by `tiled_attention`, else the gather reference
-
-
-def build_stt(preset: str = "tiny", **overrides) -> STTSegmenter:
-    """`STTSegmenter` from a named preset with field overrides.
-
-    "tiny": T = 2, width 32 (d_t = 128), for CPU training on 129 x 417 synthetic clips.
-    "paper": the paper's Cityscapes setting (Table 3-4, row 1): T = 7, d_t = 512 reduced to 128,
-    8 heads, s=1, e=5, eps=1 (527 keys), r=5, 50% of queries; output stride 16 (64 x 128 maps).
-    """
-    paper = STTConfig(num_key_frames=7, width=128, num_heads=8, output_stride=16)
-    presets = {"tiny": STTConfig(), "paper": paper}
-    if preset not in presets:
-        raise ValueError(f"unknown STT preset {preset!r}: {', '.join(presets)}")
-    return STTSegmenter(**{**asdict(presets[preset]), **overrides})

@@ -14,8 +14,11 @@ Clip ``i`` covers frames ``[i·stride, i·stride + T)``. The rules, all delibera
 - Unmatched tubes start new tracks. Track ids count up from 1 per class, in the order tracks are
   first *shown*, and are never reused: a tube that is never shown (say, one seen only in a clip's
   last frame, which the next clip then replaces) spends no id. The video is written with
-  ``VIDEO_LABEL_DIVISOR = 65536``, so a class can hold 65535 tracks, the most a KITTI-STEP PNG
-  holds; only the 65536th raises ``ValueError``.
+  ``VIDEO_LABEL_DIVISOR = 65536``, not the clips' 1000: a long sequence can need more than 999
+  ids per class (a car whose confidence flickers around the threshold starts a new track at
+  every detection, about one per two frames); with it a class can hold 65535 tracks, the most a
+  KITTI-STEP PNG holds; only the 65536th raises ``ValueError``, which says what to do.
+  ``video_label_divisor=1000`` writes the clips' format.
 - Each shown track gets a score for video AP: the mean, over the frames that show it, of the
   score its tube had in the clip that showed the frame (TubeFormer: the slot's class confidence).
 - A frame covered by several clips shows the newest clip's prediction. This is ViP-DeepLab's
@@ -28,9 +31,20 @@ links a single overlapping frame by mutual-best IoU and offsets unmatched ids by
 label_divisor // 2; here all overlapping frames are used, the assignment is Hungarian, and new
 ids come from a per-class counter.
 
-`VideoStitcher` is the streaming form (clips in, final frames out, memory of T frames);
-`stitch_clips` runs it over a list of clips; `sliding_clips` cuts a stream of frames into the
-clips, reading each frame once.
+`VideoStitcher` is the streaming form (clips in, final frames out; it holds only the T − stride
+shared frames); `stitch_clips` runs it over a list of clips; `sliding_clips(frames, num_frames,
+T, stride)` cuts a stream of frames into the clips (the end padded by repeating the last frame),
+reading each frame once and holding only the frames a clip still needs. Usage::
+
+    video = stitch_clips(clip_panoptics, stride=1)  # list of (T, H, W) -> (F, H, W) int64 ids
+                                                    # semantic * 65536 + track
+    stitcher = VideoStitcher(clip_length=2, stride=1)
+    for clip, scores in clips_with_scores:          # scores: {clip tube id: confidence}
+        for t, frame in stitcher.add(clip, scores): # the frames no later clip can change
+            ...
+    for t, frame in stitcher.finish():              # the last T − stride frames
+        ...
+    stitcher.scores()                               # {track id: mean score over shown frames}
 """
 
 from __future__ import annotations

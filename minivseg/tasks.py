@@ -13,7 +13,19 @@ T-frame window, stride 1, is padded to 16k+1 (as deeplab2 pads KITTI to 385x1249
 the model once and turned into tubes by clip inference (`minivseg.inference`: per-pixel "argmax
 twice", per-mask, and threshold-free semantic); `minivseg.stitching.VideoStitcher` links the
 clips into video tracks as they come, and a frame is handed out as soon as no later clip can
-change it.
+change it. Predicting a folder of frames from Python::
+
+    from pathlib import Path
+    from minivseg.data import frame_tensor
+    from minivseg.panoptic import frame_order
+    from minivseg.tasks import load_model, predict_frames
+
+    model, cfg = load_model("runs/demo/last.pt")
+    paths = frame_order(Path("my_video").glob("*.png"))  # time order (numeric names as numbers)
+    for pred in predict_frames(model, cfg, (frame_tensor(p) for p in paths), len(paths)):
+        pred["panoptic"], pred["semantic"]  # (H, W) int64: ids semantic*65536 + track, classes
+
+``predict_video(model, cfg, frames)`` does the same for a ``(F, 3, H, W)`` video in memory.
 """
 
 from __future__ import annotations
@@ -68,7 +80,7 @@ def build_task(cfg: TrainConfig):
                              num_slots=model.cfg.num_slots, config=loss_cfg)  # fmt: skip
         return model, criterion
     if cfg.task == "stt":
-        from minivseg.sparse_temporal import STTConfig, build_stt
+        from minivseg.stt_segmenter import STTConfig, build_stt
 
         overrides = apply_overrides(STTConfig(), cfg.model_overrides, "model.")
         changed = {k: getattr(overrides, k) for k in cfg.model_overrides}
@@ -76,7 +88,8 @@ def build_task(cfg: TrainConfig):
         model = build_stt(cfg.model, **changed)
         return model, last_frame_semantic_loss
     if cfg.task == "vistr":
-        from minivseg.vistr import VisTRConfig, VisTRLoss, build_vistr
+        from minivseg.vistr import VisTRConfig, build_vistr
+        from minivseg.vistr_loss import VisTRLoss
 
         overrides = apply_overrides(VisTRConfig(), cfg.model_overrides, "model.")
         changed = {k: getattr(overrides, k) for k in cfg.model_overrides}

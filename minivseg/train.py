@@ -1,15 +1,57 @@
-"""Training loop: ``python -m minivseg.train --preset NAME [--field=value ...]`` (presets and
-fields: `minivseg.config`). Reads top to bottom: setup → data → model and loss → optimizer and
-schedule → resume → loop with logging, checkpoints and evaluation. Multi-GPU is ``torchrun
---nproc_per_node=K -m minivseg.train`` (DDP, sync BN on CUDA). Everything lives in ``main(cfg)`` so
-tests can run two steps. ``--resume`` restores model, optimizer, schedule, step and RNG states from
-the newest complete checkpoint (`minivseg.checkpoint`) and cuts the log back to that step; the data
-order is a pure function of (seed, step), so a resumed run sees exactly the batches it would have.
+"""Training loop: ``python -m minivseg.train --preset NAME [--field=value ...]``.
+
+Presets (`minivseg.config`): ``demo`` (tiny TubeFormer, synthetic video, CPU), ``kitti``
+(TubeFormer-DeepLab-B1 on KITTI-STEP, one GPU), ``stt_demo`` / ``stt_paper`` (STT segmenter),
+``vistr_demo`` / ``vistr_official`` (VisTR). Every `TrainConfig` field is a flag; model and loss
+fields are ``--model.FIELD`` / ``--loss.FIELD`` (`minivseg.config`). The task's model and loss come
+from `minivseg.tasks`. Reads top to bottom: setup → data → model and loss → optimizer and
+schedule → resume → loop with logging, checkpoints and evaluation, all inside ``main(cfg)`` so
+tests can run two steps.
+
+What a run writes to ``OUT_DIR``: ``last.pt`` every ``checkpoint_every`` steps and at the end
+(atomic; ``--resume`` continues exactly from the newest complete checkpoint; a used folder needs
+``--overwrite``: `minivseg.checkpoint`), ``log.jsonl`` and ``loss_curve.png`` (`minivseg.run_log`).
+The data order is a pure function of (seed, step): the sampler yields keys ``epoch·n +
+permutation[i]`` and each clip's augmentation is drawn from ``default_rng((seed, key))``, so a run
+killed after a checkpoint and resumed ends with the same weights, bit for bit, as an uninterrupted
+one (tests/test_train.py).
+
+- **Non-finite steps.** A NaN or inf in the outputs, the loss or the gradient norm skips the step
+  and counts it: weights, optimizer state and BatchNorm running statistics stay as before the step
+  (a test compares them bit for bit with a run stopped one step earlier). After ``max_nonfinite``
+  in a row (default 5) the run stops and names the last good checkpoint.
+- **Optimisation.** Adam or AdamW; linear warm-up, then poly decay (power 0.9) or, with
+  ``--lr_drop=F``, LR × 0.1 after the fraction F of ``max_steps`` (VisTR's StepLR); optional
+  ``--grad_clip`` (1.0 in ``demo``, off in ``kitti`` as in deeplab2); ``--accumulate`` (effective
+  batch = batch × accumulate × GPUs). With ``--pretrained=FILE`` (a torchvision ResNet-50 state
+  dict) exactly the parameters it filled learn at ``backbone_lr_multiplier`` × LR (deeplab2: 0.1);
+  everything that starts random, the axial attention included, learns at the full LR (the start-up
+  line prints the loaded parameter count). On CUDA the forward runs under bf16 autocast; losses are
+  float32. ``--freeze_batchnorm`` keeps every BatchNorm in eval mode for the whole run, in-training
+  evaluations included.
+- **Threads.** ``--threads=N`` sets torch's threads (0: one per core); the CPU presets use 1, beside
+  one loader worker. Measured on this project's 2-core machine, shared with other jobs, demo preset
+  (CPU time of trainer and worker per step, single noisy runs): 2 threads 0.29–0.31 s idle but
+  1.2–5.0 s under load (0.10–0.82 it/s), because torch's two OpenMP threads spin-wait for each
+  other; 1 thread 0.20–0.24 s under every load tried (0.74–4.9 it/s); idle, 1 thread is about 20 %
+  slower (4.7–5.2 vs 6.2–6.7 it/s). While a second ``make lessons`` ran, a 30-step demo run
+  (start-up included) took 107.6 s wall / 107 s CPU with 2 threads and 11.0 s / 10.6 s with 1; on
+  the idle machine right after, 8.9 s and 9.9 s. ``OMP_WAIT_POLICY=PASSIVE`` also stops the spinning
+  but costs about 40 % idle.
+- **The GPU does not wait for the host.** Labels stay on the host, where the loss builds its
+  targets. A step waits for the device once per micro-batch (one transfer of the matching
+  similarities of all its clips), once per step (loss and gradient norm, to decide whether to apply
+  it) and once more on log steps: 9 syncs per ``kitti`` step (8 micro-batches), 10 on log steps, by
+  reading the code. A CPU test checks that forward, loss and backward call no syncing operator;
+  a CUDA test counts syncs with ``torch.cuda.set_sync_debug_mode`` (skipped without a GPU).
+- **Several GPUs.** ``torchrun --nproc_per_node=K -m minivseg.train ...`` (``make train-kitti
+  NGPUS=K``): DistributedDataParallel with SyncBatchNorm; each process takes every K-th sample, so
+  K processes with batch b see the global batch of one process with batch K·b (a test runs 2 gloo
+  processes on CPU against one process accumulating the same clips).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -29,7 +71,7 @@ from minivseg import checkpoint, data
 from minivseg.config import TrainConfig, parse_args
 from minivseg.data import KittiStepClips, ResumableSampler, collate_clips, worker_init_fn
 from minivseg.dual_path import batch_norm_buffers
-from minivseg.metrics import to_json
+from minivseg.run_log import cut_log, log_line, plot_losses, progress
 from minivseg.tasks import build_task
 
 
@@ -105,55 +147,6 @@ def train_mode(model, freeze_batchnorm: bool) -> None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
-
-
-def log_line(row: dict) -> str:
-    """A strict JSON line: NaN and infinities, which JSON lacks, become null."""
-    return json.dumps(to_json(row), allow_nan=False) + "\n"
-
-
-def read_log(log_path: Path) -> list[dict]:
-    """The rows of the JSONL log; a malformed line (a kill or a full disk mid-write) is skipped."""
-    rows = []
-    for line in log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []:
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return [row for row in rows if isinstance(row, dict) and isinstance(row.get("step"), int)]
-
-
-def cut_log(log_path: Path, step: int) -> None:
-    """Keep the well-formed rows up to ``step``: a resumed run logs the later steps again."""
-    kept = [log_line(row) for row in read_log(log_path) if row["step"] <= step]
-    log_path.with_suffix(".tmp").write_text("".join(kept))
-    os.replace(log_path.with_suffix(".tmp"), log_path)
-
-
-def plot_losses(log_path: Path, out_path: Path) -> None:
-    """Loss-curve PNG: logged losses faint, a moving average on top (bare Figure, no pyplot)."""
-    from matplotlib.figure import Figure
-
-    rows = [r for r in read_log(log_path) if isinstance(r.get("loss"), (int, float))]
-    if not rows:
-        return
-    steps, losses = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
-    window = max(1, len(rows) // 10)
-    average = np.convolve(losses, np.ones(window) / window, mode="valid")
-    ax = Figure(figsize=(7, 4)).subplots()
-    ax.plot(steps, losses, color="C0", alpha=0.3, linewidth=1, label="total loss")
-    ax.plot(steps[window - 1 :], average, "C0", label=f"moving average of {window} log lines")
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title=log_path.parent.name)
-    ax.legend()
-    ax.figure.savefig(out_path, dpi=100, bbox_inches="tight")
-
-
-def progress(step: int, cfg: TrainConfig, loss: float, start_time: float, start_step: int) -> None:
-    rate = (step - start_step) / max(time.time() - start_time, 1e-9)
-    eta = (cfg.max_steps - step) / max(rate, 1e-9)
-    line = f"step {step}/{cfg.max_steps} loss {loss:.4f} {rate:.2f} it/s ETA {eta / 60:.1f} min"
-    if sys.stderr.isatty():
-        print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
-    elif step % cfg.log_every == 0 or step == cfg.max_steps:
-        print(line, file=sys.stderr, flush=True)
 
 
 def main(cfg: TrainConfig) -> dict:

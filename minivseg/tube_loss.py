@@ -1,15 +1,17 @@
-"""TubeFormer's VPQ-style tube loss: GT tubes, Hungarian tube matching, PQ-style terms,
-auxiliary losses, and the temporal consistency loss between overlapping clips.
+"""TubeFormer's VPQ-style tube loss: GT tubes, Hungarian matching, PQ-style and auxiliary terms.
 
 TubeFormer-DeepLab §3.3 trains with the PQ-style loss of MaX-DeepLab (§3.2, Eq. (10): class term +
 Dice term) lifted from masks to tubes: sim(y_i, ŷ_j) = p̂_j(c_i) × Dice(m_i, m̂_j) where m is a
 (T, h, w) tube, so every mask, Dice and cross-entropy below runs over the T·h·w pixels of a clip.
-Auxiliary terms: tube-ID cross-entropy, video semantic cross-entropy, video instance
-discrimination (or the pixel-wise contrastive loss of CMT-DeepLab Eq. (14)), optional deep
-supervision with the final matching, and the clip-to-clip temporal consistency loss.
-With the clustering memory update, the mask approximation loss (CMT-DeepLab Eq. (13)) pulls every
-layer's reference points towards the extremes and centre of the tube its slot is matched to.
-Numbers follow deeplab2 model/loss/max_deeplab_loss.py and base_loss.py.
+Auxiliary terms (§3.3, from MaX-DeepLab): tube-ID cross-entropy, video semantic cross-entropy,
+video instance discrimination (or CMT-DeepLab's pixel-wise contrastive loss, §3.4 Eq. (14)),
+optional deep supervision with the final matching; and the temporal consistency loss (§3.3; not
+in deeplab2). With the clustering update, CMT-DeepLab's mask approximation loss (§3.3 Eq. (13),
+weight 1.0 as in its §4) pulls every layer's reference points to the matched tube's extremes.
+Numbers follow deeplab2 model/loss/max_deeplab_loss.py (``_pre_process_ground_truth``,
+``_mask_similarity``, the ``_call_*`` losses), base_loss.py (FocalCrossEntropyLoss, MaskDiceLoss,
+TopKCrossEntropyLoss), matchers_ops.py, and model/utils.py ``strided_downsample`` (`subsample`).
+Lesson 04 rebuilds every term; its last section lists them and the measurements.
 
 Differences from deeplab2:
 - stuff tubes go to the reserved last |C_stuff| slots ("global memory with split thing and
@@ -88,7 +90,7 @@ def semantic_target(panoptic: torch.Tensor, size, num_classes: int = NUM_CLASSES
 def tubes_from_panoptic(
     panoptic: torch.Tensor, size, num_classes: int = NUM_CLASSES, thing_classes=THING_CLASSES
 ) -> dict[str, torch.Tensor]:
-    """Ground-truth tubes of one clip, at the model's output size.
+    """Ground-truth tubes of one clip (TubeFormer §3.1: masks linked over T), at output size.
 
     panoptic (T, H, W) int64 ids -> dict with M tubes: one per thing track id (the same id in all
     frames is one tube), then one per present stuff class, ascending. Crowd (thing, instance 0)
@@ -132,7 +134,7 @@ def matching_similarity(class_logits, mask_logits, tubes: dict) -> dict[str, tor
     """VPQ-style similarities of one clip's M GT tubes to its N slots (stop-grad), on the device.
 
     Returns ``dice`` (M, N), ``class_prob`` (M, N) and their product ``similarity`` (M, N),
-    sim(y_i, ŷ_j) = p̂_j(c_i) × Dice(m_i, m̂_j), the quantity the matching maximises.
+    TubeFormer §3.3 sim(y_i, ŷ_j) = p̂_j(c_i) × Dice(m_i, m̂_j), which the matching maximises.
     """
     gt = rearrange(tubes["masks"], "m t h w -> m (t h w)")
     # Softmax over slots, then drop void pixels; this Dice has no +1 smoothing (deeplab2).
@@ -145,8 +147,8 @@ def matching_similarity(class_logits, mask_logits, tubes: dict) -> dict[str, tor
 
 
 def assign_slots(similarity: np.ndarray, channels: np.ndarray, num_classes: int, num_stuff: int):
-    """Hungarian assignment on the host: (M, N) similarity, (M,) tube channels -> slot, tube
-    index arrays (numpy).
+    """Hungarian assignment on the host (deeplab2 ``nonsquare_hungarian_matching``): (M, N)
+    similarity, (M,) tube channels -> slot, tube index arrays (numpy).
 
     With num_stuff = S > 0 the stuff tube of channel c takes its reserved slot N - K + c and thing
     tubes are matched among slots 0..N-S-1; with S = 0 all tubes are matched among all slots.
@@ -326,7 +328,7 @@ class TubeLoss(nn.Module):
         )
 
     def _head_terms(self, head, b, tubes, match, targets) -> dict[str, torch.Tensor]:
-        """PQ-style class and Dice terms, tube-ID CE and instance discrimination of one head."""
+        """PQ-style class and Dice terms (MaX-DeepLab Eq. (10)) and tube-ID CE of one head."""
         slot, tube = match["slot"], match["tube"]
         N = head["class_logits"].shape[1]
         # MaX-DeepLab Eq. (10), class term: alpha-weighted CE against matched class or void.
@@ -386,9 +388,8 @@ class TubeLoss(nn.Module):
         return sum(loss["extreme"] + loss["center"] for loss in losses)
 
     def _semantic(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Video semantic CE (dataset class order), void ignored, mean over the top-k% pixels.
-
-        logits (K, T, h, w) of one clip, target (T, h, w) class ids from `semantic_target`."""
+        """Video semantic CE of one clip, logits (K, T, h, w) vs `semantic_target` (T, h, w)
+        class ids (dataset order): void ignored, mean over the top-k% pixels."""
         ce = F.cross_entropy(
             logits.float()[None], target[None], ignore_index=IGNORE_LABEL, reduction="none"
         )

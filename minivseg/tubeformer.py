@@ -1,29 +1,36 @@
 """TubeFormer-DeepLab: a mask transformer that predicts class-labelled video tubes for a clip.
 
-TubeFormer-DeepLab §3.2 and Fig. 3 (data flow in DESIGN.md): the backbone runs on every frame;
-at stride 16, hierarchical blocks (axial block per frame -> latent dual-path per frame -> global
-dual-path over the clip) refine the video pixels and a global memory of N tube slots; a pixel
-decoder brings the video to stride 4; heads turn the memory into N (class, tube embedding) pairs,
-and the tube logits are the dot products with the video pixel embedding x'_v, Eq. (1):
-``m = softmax_N(x'_v . w)``.
+TubeFormer-DeepLab §3.2 and Fig. 3, with MaX-DeepLab-S's sizes and heads as deeplab2 builds them:
 
-Sizes and heads follow MaX-DeepLab-S in deeplab2 (model/encoder/axial_resnet.py,
-model/decoder/max_deeplab.py): the 3 stage-5 blocks plus one "stage5_extra" axial block each
-carry a dual-path layer (4 global layers); class and mask FFNs on the memory; pixel head
-depthwise-separable 5x5 -> 1x1 -> BN -> L2 norm; class logits in [things, stuff ascending, void]
-order with a constant void prior log(K * 9); mask logits through one shared single-channel BN
-(gamma 0.1). TubeFormer additions: latent memory (L slots, copied per frame), the last |C_stuff|
-global slots reserved for the stuff classes ("split thing and stuff"), and the semantic head as
-one linear layer on x'_v ("shared semantic and panoptic prediction").
+    frames (B,T,3,H,W) in [0,255] -> x/127.5-1 -> backbone per frame (stem, stages 2-4)
+      -> 4 hierarchical blocks at stride 16 (stage-5 blocks x3 + stage5_extra), each: axial block
+         -> latent dual-path (per frame, L slots) -> global dual-path (whole clip, N slots)
+      -> pixel decoder s16 -> s8 -> s4 -> pixel head (dw 5x5, 1x1, 1x1 -> D, BN, L2 norm) = x'_v
+      -> heads on the memory: class (things, stuff ascending, void; + log(K*9) void prior) and
+         tube embedding w; tube logits BN_1(x'_v . w) (one shared BN channel, gamma 0.1), Eq. (1)
+      -> semantic logits = one linear layer on x'_v
+
+Eq. (1): ``m = softmax_N(x'_v . w)``, the softmax over the N slots of every clip pixel.
+deeplab2: model/encoder/axial_resnet.py (memory, stage5_extra, stacked decoder, class and mask
+FFNs), model/decoder/max_deeplab.py (pixel, mask and class heads, void prior, mask BN),
+model/encoder/axial_resnet_instances.py (the MaX-DeepLab-S configuration and its parameter count,
+which ``build_model("kitti", use_latent=False)`` reproduces). TubeFormer additions (§3.2): the
+latent memory (L slots, copied per frame); the last |C_stuff| global slots reserved for the stuff
+classes ("global memory with split thing and stuff"); the semantic head on x'_v ("shared semantic
+and panoptic prediction"); ``n`` = TubeFormer-DeepLab-Bn (§4.2, §4.4).
 ``memory_update="clustering"`` swaps every global dual-path layer for CMT-DeepLab's clustering
 update (`minivseg.clustering`, §3.3): the slots cluster the clip's pixels into tubes, and each
 layer's assignment logits S, upsampled to stride 4, are its deep-supervision tube logits, paired
-with the class logits of the centres that made that assignment (the layer's input memory).
+with the class logits of the centres that made that assignment (the layer's input memory), as
+deeplab2's kMaX-DeepLab pairs them (model/kmax_deeplab.py ``_prepare_auxiliary_results``).
 Deep supervision (``aux_heads``, set by the loss option ``deep_supervision``) gives every earlier
 global layer its own memory-side heads, as kMaX-DeepLab does; deeplab2's MaX-DeepLab has none.
 Differences from deeplab2: none in the layers. The stage-5 blocks live in the hierarchical blocks
 (``blocks.{i}.pixel_block``), so ``backbone`` is stem + stages 2-4 (``resnet_view()`` gives the
 whole ResNet). The last latent layer skips its memory update, whose output nothing reads.
+
+    model = build_model("tiny")  # or "kitti"; any TubeFormerConfig field as an override
+    out = model(frames)  # frames (B, T, 3, H, W) in [0, 255]; the keys are in TubeFormer.forward
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ class TubeFormerConfig:
     use_axial: bool = True  # axial attention blocks where the stride reaches 16
     axial_heads: int = 8  # heads of every axial attention
     max_span: int = 255  # longest axis with its own relative position (509-row tables)
-    n: int = 1  # TubeFormer-DeepLab-Bn: stage-4 axial blocks stacked n times
+    n: int = 1  # TubeFormer-DeepLab-Bn: stage-4 axial blocks stacked n times (+11.2M per n)
     drop_path_keep_prob: float = 1.0  # keep prob at stride 32 (linear schedule; 0.8 for training)
     # global memory and dual-path layers
     memory_update: str = "dual_path"  # global layer type: "dual_path" or "clustering" (CMT)
@@ -92,7 +99,8 @@ class TubeFormerConfig:
 
 
 def tiny_config() -> TubeFormerConfig:
-    """CPU size: trains on 129x417 synthetic clips in minutes. 2 stride-16 blocks, N=32, L=4."""
+    """CPU size: trains on 129x417 synthetic clips in minutes. 2 stride-16 blocks, N=32, L=4;
+    2,005,201 parameters (2,030,949 with ``memory_update="clustering"``)."""
     return TubeFormerConfig(
         num_blocks=(1, 1, 1, 1), base_width=16, stem_channels=(16, 16, 16), axial_heads=4,
         num_slots=32, memory_channels=64, num_latent=4, latent_channels=64, transformer_heads=4,
@@ -103,7 +111,8 @@ def tiny_config() -> TubeFormerConfig:
 
 
 def kitti_config() -> TubeFormerConfig:
-    """TubeFormer-DeepLab-B1 on KITTI-STEP: MaX-DeepLab-S sizes, N=128, L=16, T=2, drop path 0.8."""
+    """TubeFormer-DeepLab-B1 on KITTI-STEP: MaX-DeepLab-S sizes, N=128, L=16, T=2, drop path 0.8;
+    70,772,537 parameters (71,469,889 with ``memory_update="clustering"``)."""
     return TubeFormerConfig(drop_path_keep_prob=0.8)
 
 

@@ -1,35 +1,46 @@
 """VisTR: video instance segmentation as direct set prediction of instance sequences.
 
-Implements VisTR (Wang et al., CVPR 2021): the 3-D sine positional encoding (§3.1, Eq. 1) added
-DETR-style to an encoder over all T·h·w clip pixels and to a decoder over T·n frame-major instance
-queries (query ``t·n + i`` is slot ``i`` in frame ``t``); instance sequence matching (§3.2,
-Eq. 2-6, 8); the sequence loss (Eq. 7-9); instance sequence segmentation (§3.3: per-frame mask
-features from attention maps and backbone features, then 3-D convolutions over the T frames of each
-slot); and the inference rules of §4.1. Targets use the official instance-major layout
-(entry ``j·T + t`` is track ``j`` in frame ``t``).
+The model and inference of VisTR (Wang et al., CVPR 2021), following the official code
+(Epiphqny/VisTR @445c9e4); matching and loss (§3.2, Eq. 2-9) are in `minivseg.vistr_loss`, the
+optimiser recipe is the ``vistr_official`` training preset. The parts and their official files:
 
-Where the official code (Epiphqny/VisTR) differs from the paper, we follow the code:
+- §3.1 backbone (models/backbone.py): `minivseg.backbone.AxialResNet` per frame;
+- §3.1 transformer (models/transformer.py, models/vistr.py): the 3-D sine positional encoding of
+  Eq. (1) (models/position_encoding.py) is added DETR-style to an encoder over all T·h·w clip
+  pixels and to a decoder over T·n frame-major instance queries: query ``t·n + i`` is slot ``i``
+  in frame ``t``, and slot ``i`` over the frames is one instance sequence (no tracking step);
+- §3.3 (not numbered; its loss is Eq. 9): per frame, attention maps of the instance features O
+  over the encoded frame E and a mask FPN with backbone skips (`AttentionMaps`, `MaskFPN`:
+  models/segmentation.py MHAttentionMap, MaskHeadSmallConv), then 3-D convolutions over the T
+  frames of each slot (`SequenceHead`: VisTRsegm.insmask_head);
+- §4.1 "Inference" (inference.py): `predict_tubes`, `tubes_to_panoptic`, `instance_frames`.
 
-- matcher: the box cost is a mean over frames *and* the 4 coordinates (Eq. 8 sums coordinates);
-  the "giou" cost is plain IoU smoothed by 1e-6; costs average over all T frames, frames where the
-  track is absent included (target box 0); no mask cost; weights class 1, L1 5, IoU 2.
-- loss: every term is divided by ``num_boxes`` = tracks × T, absent frames counted (the paper
-  says "number of instances"); the focal loss is a per-mask pixel mean; box losses are L1 + real
-  GIoU; the intermediate decoder layers get class and box losses only, each with its own matching.
+Usage (``tubes`` is the input of `minivseg.video_ap.VideoAP.update`)::
+
+    model = build_vistr("tiny")  # or "paper"; overrides: build_vistr("tiny", num_frames=4)
+    outputs = model(frames)  # (B, T, 3, H, W) in [0, 255] -> dict, see `VisTR.forward`
+    tubes = predict_tubes(outputs, (H, W))  # per clip: [(mask (T, H, W) bool, 11 | 13, score)]
+    clip = tubes_to_panoptic(tubes[0], T, H, W)  # (T, H, W): class·1000 + rank + 1, else void
+    video = instance_video(model, video_frames, stride=1)  # (F, 3, H, W) -> (F, H, W) video ids
+    for frame in instance_frames(model, stream, num_frames, scores=found): ...  # found["vistr"]
+
+Where the official code differs from the paper, we follow the code:
+
 - mask features come from the encoder output E (DETR used the input projection), with one softmax
-  over heads × h × w jointly; the 3-D head is three 3×3×3 convs (dilation 2) + GroupNorm + ReLU.
-  With dilation 2 in time the convs only mix frames of equal parity (for T = 2 they act per
-  frame); GroupNorm statistics over T·H·W are the only coupling across parity.
+  over heads × h × w jointly; the 3-D head is three 3×3×3 convs (dilation 2) + GroupNorm(4) + ReLU,
+  24→12→12→12→1 channels. With dilation 2 in time the convs only mix frames of equal parity (for
+  T = 2 they act per frame); GroupNorm statistics over T·H·W are the only coupling across parity;
+- inference (§4.1 rules: mean score, majority class, frame score floor 0.001) has no instance
+  score threshold (see `predict_tubes`).
 
 Deliberate differences from the official code:
 
+- the backbone is deeplab2's ResNet-beta, `AxialResNet(use_axial=False, output_stride=32)`, with
+  an Inception stem (three 3×3 convs, no max-pool) where torchvision's ResNet has a 7×7 conv and a
+  max-pool; "paper" is ResNet-50-shaped (bottlenecks [3, 4, 6, 3], width 64) as in §4.1 (the
+  official default is ResNet-101), trained from scratch with BatchNorm (official: DETR's COCO
+  weights, frozen BatchNorm). Its endpoints are not activated: VisTR applies ReLU where it reads;
 - a plain 3×3 conv replaces the deformable conv in the last mask-FPN layer;
-- the backbone is a compact ResNet (basic blocks, BatchNorm) trained from scratch, not a
-  DETR-initialised ResNet-50/101 with frozen BatchNorm;
-- in absent frames the target class is no-object (index K): the official label 0 is an unused
-  YouTube-VIS id, here it would be "person". Only the matcher's class cost reads it;
-- matched pairs are emitted for the valid frames of the *matched* track (the official code reads
-  the valid flags of the j-th track in assignment order, which differ when tracks are permuted);
 - the per-frame mask FPN runs on all frames and batch items at once (the official code loops over
   frames and assumes batch 1); no padding masks, so positions are normalised by the full length;
 - at inference a frame whose score is below 0.001 gets an empty mask (official: ``None``) and a
@@ -45,9 +56,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from minivseg.backbone import AxialResNet
 from minivseg.panoptic import LABEL_DIVISOR, THING_CLASSES, VOID_ID
 from minivseg.stitching import VideoStitcher, sliding_clips
 
@@ -66,8 +77,9 @@ class VisTRConfig:
     decoder_layers: int = 6
     ffn_dim: int = 2048  # transformer feed-forward width
     dropout: float = 0.1
-    backbone_widths: tuple[int, ...] = (64, 128, 256, 512)  # ResNet channels at strides 4..32
-    backbone_blocks: tuple[int, ...] = (2, 2, 2, 2)  # basic blocks per ResNet stage
+    backbone_blocks: tuple[int, ...] = (3, 4, 6, 3)  # bottleneck blocks per stage (ResNet-50)
+    backbone_base_width: int = 64  # bottleneck width of stage 2; outputs 4w, 8w, 16w, 32w
+    backbone_stem: tuple[int, ...] = (64, 64, 128)  # Inception-stem conv widths
     mask_dims: tuple[int, ...] = (192, 96, 48, 24)  # mask-FPN widths at strides 32, 16, 8, 4
     mask_groups: int = 8  # GroupNorm groups in the mask FPN (divides d + heads and mask_dims)
     sequence_channels: int = 12  # width of the 3-D instance sequence head
@@ -86,24 +98,16 @@ class VisTRConfig:
 
 
 def vistr_config(preset: str = "tiny", **overrides) -> VisTRConfig:
-    """Named presets: "tiny" (CPU, T=2) and "paper" (VisTR §4.1 sizes, ResNet-18-shaped)."""
+    """Named presets: "tiny" (CPU, T=2) and "paper" (VisTR §4.1 sizes, ResNet-50-shaped)."""
     presets = {
         "tiny": VisTRConfig(
-            num_frames=2,
-            hidden_dim=48,
-            num_heads=4,
-            encoder_layers=2,
-            decoder_layers=2,
-            ffn_dim=96,
-            dropout=0.0,  # short CPU runs: dropout slows the fit of boxes and classes
-            backbone_widths=(16, 32, 64, 96),
-            backbone_blocks=(1, 1, 1, 1),
-            mask_dims=(24, 16, 8, 8),
-            mask_groups=4,
-            sequence_channels=8,
+            num_frames=2, hidden_dim=48, num_heads=4, encoder_layers=2, decoder_layers=2,
+            ffn_dim=96, dropout=0.0,  # short CPU runs: dropout slows the fit of boxes and classes
+            backbone_blocks=(1, 1, 1, 1), backbone_base_width=8, backbone_stem=(8, 8, 16),
+            mask_dims=(24, 16, 8, 8), mask_groups=4, sequence_channels=8,
         ),
         "paper": VisTRConfig(),
-    }
+    }  # fmt: skip
     if preset not in presets:
         raise ValueError(f"unknown VisTR preset {preset!r}; choose from {sorted(presets)}")
     return replace(presets[preset], **overrides)
@@ -112,10 +116,11 @@ def vistr_config(preset: str = "tiny", **overrides) -> VisTRConfig:
 def sine_position_encoding_3d(
     num_frames: int, height: int, width: int, dim: int, temperature: float = 10000.0, device=None
 ) -> torch.Tensor:
-    """Fixed (T, H, W, dim) encoding: thirds for t, y, x, each interleaved sin/cos pairs.
+    """Fixed (T, H, W, dim) encoding (§3.1, Eq. 1): thirds for t, y, x, interleaved sin/cos pairs.
 
     Positions are 1-based, divided by the axis length and scaled to (0, 2π] (official
-    ``normalize=True``); pair k of a third uses frequency ``temperature^(-2k / (dim/3))``.
+    ``normalize=True``); pair k of a third uses frequency ``temperature^(-2k / (dim/3))``, as the
+    official code (Eq. 1 prints ω_k = 1/10000^(2k/d)).
     """
     if dim % 6:
         raise ValueError(f"dim must be divisible by 6 (3 axes x sin/cos), got {dim}")
@@ -129,59 +134,10 @@ def sine_position_encoding_3d(
         # Eq. (1): PE(pos, 2k) = sin(pos·ω_k), PE(pos, 2k+1) = cos(pos·ω_k)
         parts.append(torch.where(channel % 2 == 0, angle.sin(), angle.cos()))
     t, y, x = parts
-    return torch.cat(
-        [
-            repeat(t, "T C -> T H W C", H=height, W=width),
-            repeat(y, "H C -> T H W C", T=num_frames, W=width),
-            repeat(x, "W C -> T H W C", T=num_frames, H=height),
-        ],
-        dim=-1,
-    )
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block: two 3×3 convs with BatchNorm and a (projected) shortcut."""
-
-    def __init__(self, in_channels: int, channels: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.norm1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.norm2 = nn.BatchNorm2d(channels)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.norm1(self.conv1(x)))
-        return F.relu(self.norm2(self.conv2(y)) + self.shortcut(x))
-
-
-class ResNetFeatures(nn.Module):
-    """Compact ResNet: (B, 3, H, W) -> features at strides 4, 8, 16, 32 (VisTR §3.1 backbone)."""
-
-    def __init__(self, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)):
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(),
-            nn.MaxPool2d(3, 2, 1),
-        )  # fmt: skip
-        stages, in_channels = [], widths[0]
-        for k, (channels, depth) in enumerate(zip(widths, blocks)):
-            layers = [BasicBlock(in_channels, channels, 1 if k == 0 else 2)]
-            layers += [BasicBlock(channels, channels) for _ in range(depth - 1)]
-            stages.append(nn.Sequential(*layers))
-            in_channels = channels
-        self.stages = nn.ModuleList(stages)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x, features = self.stem(x), []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
+    t = repeat(t, "T C -> T H W C", H=height, W=width)
+    y = repeat(y, "H C -> T H W C", T=num_frames, W=width)
+    x = repeat(x, "W C -> T H W C", T=num_frames, H=height)
+    return torch.cat([t, y, x], dim=-1)  # [t | y | x], as the official code
 
 
 class EncoderLayer(nn.Module):
@@ -274,11 +230,8 @@ class SequenceHead(nn.Module):
         super().__init__()
         layers = []
         for c_in in (in_channels, channels, channels):
-            layers += [
-                nn.Conv3d(c_in, channels, 3, padding=2, dilation=2),
-                nn.GroupNorm(groups, channels),
-                nn.ReLU(),
-            ]
+            layers += [nn.Conv3d(c_in, channels, 3, padding=2, dilation=2),
+                       nn.GroupNorm(groups, channels), nn.ReLU()]  # fmt: skip
         self.layers = nn.Sequential(*layers, nn.Conv3d(channels, 1, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -292,8 +245,10 @@ class VisTR(nn.Module):
     def __init__(self, cfg: VisTRConfig):
         super().__init__()
         self.cfg = cfg
-        d, heads, widths = cfg.hidden_dim, cfg.num_heads, cfg.backbone_widths
-        self.backbone = ResNetFeatures(widths, cfg.backbone_blocks)
+        d, heads = cfg.hidden_dim, cfg.num_heads
+        blocks, width, stem = cfg.backbone_blocks, cfg.backbone_base_width, cfg.backbone_stem
+        self.backbone = AxialResNet(blocks, width, stem, use_axial=False, output_stride=32)
+        widths = [self.backbone.channels[f"res{k}"] for k in (2, 3, 4, 5)]  # strides 4 .. 32
         self.input_proj = nn.Conv2d(widths[-1], d, 1)
         args = (d, heads, cfg.ffn_dim, cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.encoder_layers))
@@ -317,39 +272,35 @@ class VisTR(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> dict:
         """frames (B, T, 3, H, W) in [0, 255] -> pred_logits (B, T·n, K+1), pred_boxes (B, T·n, 4)
-        normalised cxcywh, pred_masks (B, T·n, H/4, W/4) logits, aux_outputs (per earlier decoder
-        layer: pred_logits, pred_boxes), num_frames T."""
+        normalised cxcywh in [0, 1], pred_masks (B, T·n, H/4, W/4) logits, aux_outputs (per
+        earlier decoder layer: pred_logits, pred_boxes), num_frames T."""
         B, T = frames.shape[:2]
         if T != self.cfg.num_frames:
             raise ValueError(f"VisTR was built for {self.cfg.num_frames} frames, got {T}")
         x = rearrange((frames - self.pixel_mean) / self.pixel_std, "B T C H W -> (B T) C H W")
-        s4, s8, s16, s32 = self.backbone(x)
-        src = self.input_proj(s32)  # (B·T, d, h, w)
+        features = self.backbone(x)  # §3.1 backbone, per frame; endpoints are not activated
+        s4, s8, s16, s32 = (F.relu(features[f"res{k}"]) for k in (2, 3, 4, 5))
+        src = self.input_proj(s32)  # (B·T, d, h, w): 1×1 conv from C to d
         h, w = src.shape[-2:]
         pos = sine_position_encoding_3d(T, h, w, self.cfg.hidden_dim, device=src.device)
         pos = rearrange(pos, "T H W C -> 1 (T H W) C").to(src.dtype)
-        memory = rearrange(src, "(B T) C H W -> B (T H W) C", B=B)  # clip-level sequence
+        memory = rearrange(src, "(B T) C H W -> B (T H W) C", B=B)  # §3.1: one clip sequence
         for layer in self.encoder:
             memory = layer(memory, pos)
-        query_pos = repeat(self.query_embed.weight, "N C -> B N C", B=B)
+        query_pos = repeat(self.query_embed.weight, "N C -> B N C", B=B)  # instance queries
         out, hidden = torch.zeros_like(query_pos), []
         for layer in self.decoder:
             out = layer(out, memory, pos, query_pos)
             hidden.append(self.decoder_norm(out))
-        logits = [self.class_head(o) for o in hidden]
+        logits = [self.class_head(o) for o in hidden]  # §3.2: linear class head, FFN boxes
         boxes = [self.box_head(o).sigmoid() for o in hidden]
         # §3.3: each frame's n instance features attend to that frame's encoded features E
         n = self.cfg.num_slots
         queries = rearrange(hidden[-1], "B (T N) C -> (B T) N C", T=T)
         encoded = rearrange(memory, "B (T H W) C -> (B T) C H W", T=T, H=h)
         maps = self.attention_maps(queries, encoded)  # (B·T, n, heads, h, w)
-        x = torch.cat(
-            [
-                repeat(encoded, "b C H W -> (b N) C H W", N=n),
-                rearrange(maps, "b N h H W -> (b N) h H W"),
-            ],
-            dim=1,
-        )
+        encoded = repeat(encoded, "b C H W -> (b N) C H W", N=n)
+        x = torch.cat([encoded, rearrange(maps, "b N h H W -> (b N) h H W")], dim=1)
         features = self.mask_fpn(x, [s16, s8, s4])  # (B·T·n, C, H/4, W/4)
         # G_i: slot i's mask features of all T frames, segmented as one sequence
         features = rearrange(features, "(B T N) C H W -> (B N) C T H W", B=B, T=T)
@@ -368,192 +319,6 @@ class VisTR(nn.Module):
 def build_vistr(preset: str = "tiny", **overrides) -> VisTR:
     """`VisTR` from a named preset (see `vistr_config`) with field overrides."""
     return VisTR(vistr_config(preset, **overrides))
-
-
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, ...]:
-    """Element-wise (broadcast) IoU of xyxy boxes, smoothed as the official ``multi_iou``."""
-    inter = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
-    inter = inter[..., 0] * inter[..., 1]
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    union = area_a + area_b - inter
-    return (inter + eps) / (union + eps), union
-
-
-def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Element-wise GIoU of xyxy boxes (Rezatofighi et al.)."""
-    iou, union = box_iou(a, b)
-    hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
-    hull = hull[..., 0] * hull[..., 1]
-    return iou - (hull - union) / hull.clamp(min=1e-6)
-
-
-def targets_from_panoptic(panoptic, thing_classes=THING_CLASSES) -> dict:
-    """(T, H, W) panoptic ids -> VIS targets, instance-major: entry ``j·T + t``.
-
-    Tracks are thing pixels with instance id > 0, ordered by panoptic id; crowd is not a track.
-    Returns ``labels (M·T,)`` class index (K = no object where the track is absent), ``boxes
-    (M·T, 4)`` normalised cxcywh (zeros where absent), ``masks (M·T, H, W)`` float and ``valid
-    (M·T,)`` bool.
-    """
-    if not torch.is_tensor(panoptic):
-        panoptic = torch.from_numpy(np.asarray(panoptic, dtype=np.int64))
-    T, H, W = panoptic.shape
-    classes = torch.tensor(thing_classes, device=panoptic.device)
-    semantic, instance = panoptic // LABEL_DIVISOR, panoptic % LABEL_DIVISOR
-    track_ids = torch.unique(panoptic[torch.isin(semantic, classes) & (instance > 0)])
-    masks = panoptic[None] == track_ids[:, None, None, None]  # (M, T, H, W)
-    valid = masks.flatten(2).any(-1)  # (M, T)
-    class_index = (track_ids[:, None] // LABEL_DIVISOR == classes).int().argmax(-1)  # (M,)
-    labels = torch.where(valid, class_index[:, None], len(thing_classes))
-    rows, cols = masks.any(-1), masks.any(-2)  # (M, T, H), (M, T, W)
-    ys, xs = torch.arange(H, device=panoptic.device), torch.arange(W, device=panoptic.device)
-    y0, y1 = torch.where(rows, ys, H).amin(-1), torch.where(rows, ys + 1, 0).amax(-1)
-    x0, x1 = torch.where(cols, xs, W).amin(-1), torch.where(cols, xs + 1, 0).amax(-1)
-    boxes = torch.stack(
-        [(x0 + x1) / (2 * W), (y0 + y1) / (2 * H), (x1 - x0) / W, (y1 - y0) / H], -1
-    )
-    boxes = boxes * valid[..., None]  # (M, T, 4)
-    return {
-        "labels": rearrange(labels, "M T -> (M T)"),
-        "boxes": rearrange(boxes.float(), "M T C -> (M T) C"),
-        "masks": rearrange(masks.float(), "M T H W -> (M T) H W"),
-        "valid": rearrange(valid, "M T -> (M T)"),
-    }
-
-
-def sequence_cost(probs, boxes, labels, target_boxes, weights=(1.0, 5.0, 2.0)) -> torch.Tensor:
-    """Matching cost (n, M) between slot sequences and track sequences (Eq. 6, 8, official form).
-
-    probs (T, n, K+1) softmax, boxes (T, n, 4) cxcywh, labels (M, T), target_boxes (M, T, 4).
-    """
-    T = probs.shape[0]
-    # Eq. (4), (6): -mean_t p_(i,t)(c_j,t)
-    class_cost = -probs[torch.arange(T, device=probs.device)[None, :], :, labels].mean(1)  # (M, n)
-    # Eq. (8), L1 term: mean over frames and coordinates
-    bbox_cost = (boxes[None] - target_boxes[:, :, None]).abs().mean((1, 3))  # (M, n)
-    # Eq. (8), "giou" term: the official code uses plain IoU
-    iou, _ = box_iou(box_cxcywh_to_xyxy(boxes)[None], box_cxcywh_to_xyxy(target_boxes)[:, :, None])
-    cost = weights[0] * class_cost + weights[1] * bbox_cost - weights[2] * iou.mean(1)
-    return cost.T
-
-
-class SequenceMatcher:
-    """Hungarian matching of n slot sequences to M track sequences per clip (Eq. 2)."""
-
-    def __init__(self, num_frames: int, cost_class=1.0, cost_bbox=5.0, cost_iou=2.0):
-        self.num_frames, self.weights = num_frames, (cost_class, cost_bbox, cost_iou)
-
-    @torch.no_grad()
-    def __call__(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, ...]]:
-        """Per clip: (query indices ``t·n + i``, target indices ``j·T + t``) over valid frames."""
-        T = self.num_frames
-        probs = rearrange(outputs["pred_logits"].float().softmax(-1), "B (T N) K -> B T N K", T=T)
-        boxes = rearrange(outputs["pred_boxes"].float(), "B (T N) C -> B T N C", T=T)
-        n, indices = probs.shape[2], []
-        for b, target in enumerate(targets):
-            labels = rearrange(target["labels"], "(M T) -> M T", T=T)
-            target_boxes = rearrange(target["boxes"], "(M T) C -> M T C", T=T)
-            valid = rearrange(target["valid"], "(M T) -> M T", T=T).cpu()
-            cost = sequence_cost(probs[b], boxes[b], labels, target_boxes, self.weights)
-            slots, tracks = linear_sum_assignment(cost.cpu().numpy())
-            frames = [valid[j].nonzero()[:, 0] for j in tracks]
-            query = [t * n + i for i, t in zip(slots, frames)]
-            target_index = [j * T + t for j, t in zip(tracks, frames)]
-            empty = torch.zeros(0, dtype=torch.long)
-            device = outputs["pred_logits"].device
-            indices.append(
-                (
-                    torch.cat([empty, *query]).to(device),
-                    torch.cat([empty, *target_index]).to(device),
-                )
-            )
-        return indices
-
-
-def focal_and_dice(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float):
-    """(P, pixels) mask logits/targets -> per-mask focal loss (pixel mean) and Dice loss (Eq. 9)."""
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-    focal = (alpha_t * ce * (1 - p_t) ** gamma).mean(1)
-    dice = 1 - (2 * (prob * targets).sum(1) + 1) / (prob.sum(1) + targets.sum(1) + 1)
-    return focal, dice
-
-
-class VisTRLoss(nn.Module):
-    """Sequence loss of Eq. (7): CE + box L1 + GIoU + focal + Dice, normalised per track-frame."""
-
-    def __init__(self, cfg: VisTRConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.matcher = SequenceMatcher(cfg.num_frames, cfg.cost_class, cfg.cost_bbox, cfg.cost_iou)
-        class_weight = torch.ones(len(cfg.thing_classes) + 1)
-        class_weight[-1] = cfg.no_object_weight
-        self.register_buffer("class_weight", class_weight, persistent=False)
-        self.weights = {
-            "ce": cfg.ce_weight, "bbox": cfg.bbox_weight, "giou": cfg.giou_weight,
-            "focal": cfg.focal_weight, "dice": cfg.dice_weight,
-        }  # fmt: skip
-
-    def class_box_terms(self, outputs, targets, indices, num_boxes) -> dict:
-        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
-        batch = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
-        query = torch.cat([q for q, _ in indices])
-        classes = torch.full(logits.shape[:2], len(self.cfg.thing_classes), device=logits.device)
-        classes[batch, query] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
-        pred = boxes[batch, query]
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target_boxes))
-        return {
-            "ce": F.cross_entropy(logits.transpose(1, 2), classes, self.class_weight),
-            "bbox": (pred - target_boxes).abs().sum() / num_boxes,
-            "giou": (1 - giou).sum() / num_boxes,
-        }
-
-    def mask_terms(self, outputs, targets, indices, num_boxes) -> dict:
-        pred = torch.cat([m[q] for m, (q, _) in zip(outputs["pred_masks"].float(), indices)])
-        target = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)])
-        if len(pred) == 0:  # keep the mask head in the graph
-            zero = outputs["pred_masks"].sum() * 0
-            return {"focal": zero, "dice": zero}
-        pred = F.interpolate(
-            pred[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False
-        )
-        focal, dice = focal_and_dice(
-            pred.flatten(1), target.flatten(1), self.cfg.focal_alpha, self.cfg.focal_gamma
-        )
-        return {"focal": focal.sum() / num_boxes, "dice": dice.sum() / num_boxes}
-
-    def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        """outputs of `VisTR`; ``batch["panoptic"]`` (B, T, H, W) -> (weighted total, terms)."""
-        device = outputs["pred_logits"].device
-        targets = [
-            {k: v.to(device) for k, v in targets_from_panoptic(p, self.cfg.thing_classes).items()}
-            for p in batch["panoptic"]
-        ]
-        # official normalisation: all target entries (tracks × T), averaged over workers
-        num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            num_boxes = num_boxes.to(device)
-            torch.distributed.all_reduce(num_boxes)
-            num_boxes = num_boxes / torch.distributed.get_world_size()
-        num_boxes = num_boxes.clamp(min=1).item()
-        indices = self.matcher(outputs, targets)
-        terms = self.class_box_terms(outputs, targets, indices, num_boxes)
-        terms.update(self.mask_terms(outputs, targets, indices, num_boxes))
-        for aux in outputs.get("aux_outputs", []):
-            aux_indices = self.matcher(aux, targets)
-            for name, value in self.class_box_terms(aux, targets, aux_indices, num_boxes).items():
-                terms[f"aux_{name}"] = terms.get(f"aux_{name}", 0) + value
-        total = sum(self.weights[name.removeprefix("aux_")] * v for name, v in terms.items())
-        return total, terms
 
 
 @torch.no_grad()
@@ -613,7 +378,8 @@ def instance_frames(model: VisTR, frames, num_frames: int, stride: int = 1, batc
 
     Clips of T frames start every ``stride`` frames (the end padded by repeating the last frame,
     cut again before scoring); each clip's tubes are pasted by `tubes_to_panoptic` and linked by
-    `VideoStitcher`. ``scores`` receives {"vistr": {track id: score}} at the end (video AP).
+    `VideoStitcher`. ``scores`` receives {"vistr": {track id: score}} at the end (video AP): a
+    track's score is the mean of its tubes' scores over the frames that show it.
     """
     T, thing_classes = model.cfg.num_frames, model.cfg.thing_classes
     stitcher = VideoStitcher(T, stride, thing_classes, num_frames=num_frames)  # padding dropped

@@ -3,8 +3,25 @@ and 3-D tube plots.
 
 Colours come from `minivseg.panoptic.colorize`: stuff and crowd in their Cityscapes class colour,
 void black, and every track in its own colour derived from its panoptic id, so one object keeps
-its colour across frames, clips and figures (a tube in TubeFormer-DeepLab §3.1 is one id's masks
-over time). Not from a paper; deeplab2's ``vis_utils`` plays the same role.
+its colour in every frame, clip and figure (a tube in TubeFormer-DeepLab §3.1 is one id's masks
+over time).
+
+- `overlay`: label colours blended over the frame, segment edges in white;
+- `compare`: GT | prediction, side by side; `strip`: a row (or column) of overlays;
+- `save_gif`: a looping GIF written with Pillow;
+- `heatmap`: an attention map (or any map) resized and colour-mapped over the frame;
+- `plot_tubes`: a 3-D (x, t, y) plot of every thing tube (`minivseg.panoptic.tube_ids`).
+
+For example, frames 0, 8, 16 and 23 of a synthetic clip as a PNG column::
+
+    from PIL import Image
+    from minivseg.synthetic import generate_sequence
+    from minivseg.visualize import strip
+    f, p = generate_sequence(0, 24)
+    Image.fromarray(strip(f[[0, 8, 16, 23]], p[[0, 8, 16, 23]], vertical=True)).save("strip.png")
+
+Not from a paper (no section or equation to cite). Reference code: deeplab2's
+``trainer/vis_utils.py``, which plays the same role there.
 """
 
 from __future__ import annotations

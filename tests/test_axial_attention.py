@@ -1,4 +1,8 @@
-"""Axial attention against a naive per-line loop, axis isolation, shapes and position tables."""
+"""Axial attention against a naive per-line loop, axis isolation, shapes and position tables.
+
+The naive loop (heads x queries x keys, BatchNorms written out) agrees with the layer to 1e-10 in
+float64 in eval mode with random BN statistics, relative-position table clipping included.
+"""
 
 import math
 

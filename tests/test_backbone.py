@@ -1,4 +1,10 @@
-"""Axial-ResNet: deeplab2 parameter counts, layout, shapes, drop path, decoder, torchvision."""
+"""Axial-ResNet: deeplab2 parameter counts, layout, shapes, drop path, decoder, torchvision.
+
+The counts are those of deeplab2's axial_resnet_instances_test.py: MaX-DeepLab-S 41,343,424,
+ResNet-50-beta 23,631,808, one stage-4 / stage-5 axial block 2,238,816 / 8,671,840. The shape
+test runs MaX-S's layout at tiny widths: a 129x417 input gives stem 65x209, res2 33x105, res3
+17x53, res4/res5 9x27 and a 33x105 decoder output.
+"""
 
 import pytest
 import torch
@@ -83,6 +89,30 @@ def test_endpoint_and_decoder_shapes(size):
         assert out[name].min() < 0  # endpoints are not activated
     assert decoded.shape == (1, decoder.out_channels, *out["res2"].shape[-2:])
     assert decoder.out_channels == 16
+
+
+@pytest.mark.parametrize("size", [(129, 417), (50, 37)], ids=["129x417", "50x37"])
+def test_output_stride_32_endpoints_and_layout(size):
+    """ImageNet-style strides 2..32 (VisTR's backbone); the same tensors as output stride 16."""
+    model = tiny_backbone(use_axial=False, output_stride=32).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size))
+    strides = {"stem": 2, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
+    for name, stride in strides.items():
+        h, w = ((n - 1) // stride + 1 for n in size)
+        assert out[name].shape == (1, model.channels[name], h, w), name
+    stages = (model.stage2, model.stage3, model.stage4, model.stage5)
+    assert [[b.stride for b in s] for s in stages] == [[2, 1, 1], [2, 1, 1, 1], [2] + [1] * 5,
+                                                      [2, 1, 1]]  # fmt: skip
+    assert all(b.conv2.conv.dilation == (1, 1) for s in stages for b in s)  # nothing dilated
+    os16 = tiny_backbone(use_axial=False).state_dict()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in os16.items()
+    }
+    with torch.device("meta"):
+        assert count(AxialResNet(use_axial=False, output_stride=32)) == 23_631_808
+    with pytest.raises(ValueError):
+        AxialResNet(output_stride=8)
 
 
 @pytest.mark.parametrize("axial", [False, True])

@@ -152,7 +152,7 @@ def damaged_files(tmp_path) -> dict[str, tuple[Path, str]]:
     "kind", ["empty", "truncated", "png", "random", "state_dict", "pickle"]
 )  # fmt: skip
 def test_a_damaged_or_foreign_file_gets_one_line_of_our_own(tmp_path, capsys, kind):
-    """load_checkpoint, evaluate.load_model and `python -m minivseg.evaluate --checkpoint`:
+    """load_checkpoint, tasks.load_model and `python -m minivseg.evaluate --checkpoint`:
     one line naming the file and what is wrong, never torch's hint to load unsafely."""
     path, words = damaged_files(tmp_path)[kind]
     for load in (C.load_checkpoint, tasks.load_model):

@@ -1,10 +1,16 @@
+"""Clip-paste (`minivseg.clip_paste`): in every mode, frames and labels come from the same clip
+at every pixel, and a pasted track gets one fresh id in every frame, shared with no target tube;
+stuff mode pastes no things; clips of different shapes raise; the `KittiStepClips` option pastes
+and needs a crop size.
+"""
+
 import numpy as np
 import pytest
 import torch
 
 from minivseg.clip_paste import clip_paste, paste_mask
 from minivseg.panoptic import LABEL_DIVISOR, THING_CLASSES, instance_of, semantic_of
-from tests.test_data import label_clip, write_dataset
+from tests.test_data import label_clip, write_toy_dataset
 
 
 def clips():
@@ -57,7 +63,7 @@ def test_shape_mismatch_raises():
 def test_dataset_option(tmp_path):
     from minivseg.data import KittiStepClips
 
-    root = write_dataset(tmp_path / "k")
+    root = write_toy_dataset(tmp_path / "k")
     plain = KittiStepClips(root, "train", 2, crop_size=(33, 49), random_crop=False)
     pasted = KittiStepClips(root, "train", 2, crop_size=(33, 49), random_crop=False, clip_paste=1.0)
     changed = sum(not torch.equal(plain[k]["panoptic"], pasted[k]["panoptic"]) for k in range(8))

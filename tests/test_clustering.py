@@ -1,4 +1,15 @@
-"""Clustering update (CMT-DeepLab): k-means limit, naive reference layer, Eq. (6)-(13) checks."""
+"""Clustering update (CMT-DeepLab): k-means limit, naive reference layer, Eq. (6)-(13) checks.
+
+`OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_clustering.py -q` (19 tests; with
+test_tube_loss.py 46 tests in 6.4 s wall on this project's 2-core machine). The whole layer
+against naive loops, with Eq. (7) as the sum of its two parts; a hard assignment with identity
+projections is one k-means step (against a Lloyd loop); the pixel update reaches pixels only
+through Z; the residual paths of S and e; reference points in [0, 1]^2; Eq. (13) at zero and on
+hand-computed values; shapes for T = 1..3; soft and argmax forward and backward (argmax stops the
+gradient); independent drop paths; bf16 autocast. Inside TubeFormer: two training steps through
+`minivseg.train.main` with soft and with argmax, where all terms are finite, the aux0_/aux1_ and
+mask_approx terms are present, and both layers' clustering keys move.
+"""
 
 import dataclasses
 import math

@@ -1,3 +1,13 @@
+"""`minivseg.data` on a small hand-made KITTI-STEP folder (`write_toy_dataset`).
+
+Clips without augmentation are exact; the first frame repeats at a sequence start; scale, crop
+and flip are one draw for all T frames, keep frames and labels aligned, replay per key, and pad
+with void and the image mean; collate and worker seeding; every bad file (missing, corrupt or
+truncated label, size mismatch, bad class id, label without image, empty or missing split) raises
+naming the file; unlabelled splits; the ``--check`` CLI and its unpadded-name warning; numeric
+frame order; 16-bit grayscale frames; `ResumableSampler` order, resume and ranks.
+"""
+
 import numpy as np
 import pytest
 import torch
@@ -30,7 +40,7 @@ def image_of(pan):
     return np.stack([sem % 256, inst * 40 % 256, np.full_like(sem, 7)], axis=-1).astype(np.uint8)
 
 
-def write_dataset(root, splits=(("train", ["0000", "0001"]), ("val", ["0002"])), num_frames=4):
+def write_toy_dataset(root, splits=(("train", ["0000", "0001"]), ("val", ["0002"])), num_frames=4):
     for split, seqs in splits:
         for k, seq in enumerate(seqs):
             clip = label_clip(num_frames, offset=k)
@@ -44,7 +54,7 @@ def write_dataset(root, splits=(("train", ["0000", "0001"]), ("val", ["0002"])),
 
 @pytest.fixture()
 def root(tmp_path):
-    return write_dataset(tmp_path / "kitti")
+    return write_toy_dataset(tmp_path / "kitti")
 
 
 def test_clips_without_augmentation_are_exact(root):

@@ -1,4 +1,7 @@
-"""Clip inference: thresholds, raw-argmax rule, tube ids, upsampling order, mask-wise ranking."""
+"""Clip inference (minivseg.inference): thresholds (class 0.69 dropped / 0.71 kept, pixel 0.39
+void / 0.41 kept), the raw-argmax rule, slot+1 ids constant over frames, stuff instance 0, logits
+upsampled before the softmax (a case where the other order gives another class), per-frame area
+limits, and mask-wise ranking against a plain-Python reference."""
 
 import math
 

@@ -1,3 +1,8 @@
+"""`minivseg.panoptic`: the KITTI-STEP PNG codec round-trips and stores R = semantic,
+G*256+B = instance; a bad PNG raises naming the file; the class table and the thing-then-stuff
+order; crowd detection and stable colours.
+"""
+
 import numpy as np
 import pytest
 

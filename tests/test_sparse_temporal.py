@@ -1,6 +1,11 @@
-"""Tests for minivseg.sparse_temporal: NSM vs a per-position loop, Eq. (5) radii against the key
-sizes of STT Table 3, sparse vs dense attention, tiled vs gathered attention, window locality,
-the segmenter, its streaming cache, the paper preset and the benchmark's runs."""
+"""Tests for minivseg.sparse_temporal and minivseg.stt_segmenter.
+
+The layer: NSM vs a per-position loop; Eq. (5) radii against all seven key sizes of STT Table 3;
+sparse vs dense attention when the windows cover the map; tiled vs gathered attention to 1e-5,
+gradients included, on random maps with windows past every border; window locality. The
+segmenter: two training steps; streaming inference equal to `forward` on each frame's window (to
+float rounding) with the encoder, reduction and projections run once per frame; the paper preset
+(527 keys, 64 x 128 maps); and the benchmark's runs."""
 
 import importlib.util
 import math
@@ -14,8 +19,6 @@ from minivseg import sparse_temporal
 from minivseg.config import PRESETS
 from minivseg.sparse_temporal import (
     SparseTemporalTransformer,
-    STTSegmenter,
-    build_stt,
     dense_attention,
     key_window_index,
     key_window_radii,
@@ -23,6 +26,7 @@ from minivseg.sparse_temporal import (
     tiled_attention,
     windowed_attention,
 )
+from minivseg.stt_segmenter import STTSegmenter, build_stt
 
 _spec = importlib.util.spec_from_file_location(
     "bench_sparse_temporal", Path(__file__).parent / "benchmarks" / "bench_sparse_temporal.py"

@@ -1,10 +1,16 @@
-"""The synthetic street-scene generator: determinism, tracks, classes, geometry, written layout."""
+"""The synthetic street-scene generator (`minivseg.synthetic`) and its renderer.
+
+Shapes and label values; the same seed gives the same bytes; every one of the ten classes, crowd
+and void appear; track ids persist, keep their class and move a few pixels per frame; tracks
+enter and leave; cars are not tiny; projection (nearer is lower, larger and occludes); the void
+ring; the CLI's written layout reads back with the same ids and pixels.
+"""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from minivseg import synthetic
+from minivseg import synthetic, synthetic_render
 from minivseg.panoptic import LABEL_DIVISOR, VOID_ID, instance_of, read_kitti_step_png, semantic_of
 
 REQUIRED = {"road": 0, "sidewalk": 1, "building": 2, "pole": 5, "traffic sign": 7,
@@ -111,18 +117,18 @@ def test_cars_are_not_microscopic(videos):
 
 def test_projection_nearer_is_lower_larger_and_occludes():
     """Two cars straight ahead: sizes follow f*h/z, the near one is lower and hides the far one."""
-    H, W, f = 128, 416, synthetic.FOCAL * 128
-    camera = (W / 2, synthetic.HORIZON * H, 0.0, f)
+    H, W, f = 128, 416, synthetic_render.FOCAL * 128
+    camera = (W / 2, synthetic_render.HORIZON * H, 0.0, f)
     image = np.zeros((H, W, 3), np.float32)
     label = np.zeros((H, W), np.int64)
     rgb = np.float32([(200, 0, 0), (40, 50, 62), (22, 22, 22), (200, 20, 20)])
-    far = synthetic.Thing("car", 0.0, 20.0, 13001, (1.8, 1.5, 4.0), rgb)
-    near = synthetic.Thing("car", 0.0, 10.0, 13002, (1.8, 1.5, 4.0), rgb)
+    far = synthetic_render.Thing("car", 0.0, 20.0, 13001, (1.8, 1.5, 4.0), rgb)
+    near = synthetic_render.Thing("car", 0.0, 10.0, 13002, (1.8, 1.5, 4.0), rgb)
     for thing in (far, near):
-        synthetic.draw_thing(image, label, thing, 0, camera)
+        synthetic_render.draw_thing(image, label, thing, 0, camera)
     rows_far, cols_far = np.nonzero(label == 13001)
     rows_near, cols_near = np.nonzero(label == 13002)
-    ground_row = lambda z: camera[1] + f * synthetic.CAM_HEIGHT / z
+    ground_row = lambda z: camera[1] + f * synthetic_render.CAM_HEIGHT / z
     assert abs(rows_near.max() + 1 - ground_row(10)) <= 1
     assert abs(cols_near.max() - cols_near.min() + 1 - f * 1.8 / 10) <= 2
     assert abs(rows_near.max() - rows_near.min() + 1 - f * 1.5 * 0.97 / 10) <= 2
@@ -130,7 +136,7 @@ def test_projection_nearer_is_lower_larger_and_occludes():
     assert len(rows_far) < len(rows_near)
     # the far car's visible pixels are only those not covered by the near car's silhouette
     alone = np.zeros((H, W), np.int64)
-    synthetic.draw_thing(np.zeros_like(image), alone, far, 0, camera)
+    synthetic_render.draw_thing(np.zeros_like(image), alone, far, 0, camera)
     assert (alone == 13001).sum() > len(rows_far)
 
 
@@ -139,7 +145,7 @@ def test_void_ring_cuts_tracked_instances_from_crowd_of_their_class():
     panoptic[:, 0:6] = 11000  # crowd of people
     panoptic[3:6, 3:5] = 11005  # a tracked person inside the crowd
     panoptic[:, 8:10] = 13000  # crowd of cars, next to no tracked car
-    out = synthetic.void_ring(panoptic.copy(), radius=1)
+    out = synthetic_render.void_ring(panoptic.copy(), radius=1)
     expected = panoptic.copy()
     expected[2:7, 2:6][expected[2:7, 2:6] == 11000] = VOID_ID
     np.testing.assert_array_equal(out, expected)

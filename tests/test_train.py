@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from minivseg import config as config_module
-from minivseg import tasks
+from minivseg import run_log, tasks
 from minivseg import train as train_module
 from minivseg.config import PRESETS
 
@@ -487,25 +487,25 @@ def test_checkpoint_before_the_first_log_line_and_a_truncated_log_line(tmp_path)
     assert log_steps(tmp_path) == [2]
     with (tmp_path / "log.jsonl").open("a") as log:
         log.write('{"step": 3, "loss": 0.5, "lr"')  # cut short by a full disk
-    train_module.plot_losses(tmp_path / "log.jsonl", tmp_path / "curve.png")
+    run_log.plot_losses(tmp_path / "log.jsonl", tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
     train_module.main(dataclasses.replace(cfg, max_steps=3, resume=True))
     assert log_steps(tmp_path) == [2, 3]
 
 
 def test_the_log_is_strict_json_and_the_curve_is_smoothed(tmp_path, monkeypatch):
-    line = train_module.log_line({"step": 1, "loss": math.nan, "eval": {"VPQ": math.inf}})
+    line = run_log.log_line({"step": 1, "loss": math.nan, "eval": {"VPQ": math.inf}})
     assert json.loads(line) == {"step": 1, "loss": None, "eval": {"VPQ": None}}
     log = tmp_path / "log.jsonl"
-    train_module.plot_losses(log, tmp_path / "curve.png")  # no log yet: nothing to draw
+    run_log.plot_losses(log, tmp_path / "curve.png")  # no log yet: nothing to draw
     assert not (tmp_path / "curve.png").exists()
     rows = [{"step": s, "loss": 1.0 + (s % 2)} for s in range(1, 41)]
-    log.write_text("".join(map(train_module.log_line, rows)) + line + "not json\n")
+    log.write_text("".join(map(run_log.log_line, rows)) + line + "not json\n")
     from matplotlib.figure import Figure
 
     drawn = []
     monkeypatch.setattr(Figure, "savefig", lambda figure, *a, **k: drawn.append(figure))
-    train_module.plot_losses(log, tmp_path / "curve.png")
+    run_log.plot_losses(log, tmp_path / "curve.png")
     ((raw, average),) = [figure.axes[0].get_lines() for figure in drawn]
     assert len(raw.get_xdata()) == 40 and raw.get_alpha() < 1
     assert average.get_label() == "moving average of 4 log lines" and len(average.get_xdata()) == 37

@@ -1,4 +1,12 @@
-"""TubeFormer assembly: MaX-S parameter counts, shapes, heads vs reference, presets, checkpoints."""
+"""TubeFormer assembly: MaX-S parameter counts, shapes, heads vs reference, presets, checkpoints.
+
+Built as MaX-DeepLab-S the counts are deeplab2's: backbone 41,343,424, encoder 61,726,624, one
+dual-path layer 2,503,712. With ``memory_update="clustering"``: forward shapes for T = 1..3 with
+soft and argmax; the aux tube logits equal S at the stride-16 grid points, with the 3/4, 1/2, 1/4
+linear blend between them; the aux class logits equal the class head on each block's input
+memory; the state passes from block to block; the reference-point options and their errors;
+checkpointing gives the same outputs, gradients and BN buffers, and no parameter is left unused.
+"""
 
 import math
 

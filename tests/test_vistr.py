@@ -1,4 +1,7 @@
-"""VisTR: 3-D position encoding, VIS targets, sequence matching, sequence loss, model, inference."""
+"""VisTR: 3-D position encoding, VIS targets, sequence matching, sequence loss, model, inference.
+
+Covers minivseg.vistr (model, inference) and minivseg.vistr_loss (targets, matching, loss).
+"""
 
 import itertools
 import math
@@ -11,18 +14,20 @@ import torch.nn.functional as F
 from minivseg.panoptic import VIDEO_LABEL_DIVISOR, VOID_ID
 from minivseg.vistr import (
     SequenceHead,
-    SequenceMatcher,
-    VisTRLoss,
     build_vistr,
-    focal_and_dice,
     instance_frames,
     instance_video,
     predict_tubes,
-    sequence_cost,
     sine_position_encoding_3d,
-    targets_from_panoptic,
     tubes_to_panoptic,
     vistr_config,
+)
+from minivseg.vistr_loss import (
+    SequenceMatcher,
+    VisTRLoss,
+    focal_and_dice,
+    sequence_cost,
+    targets_from_panoptic,
 )
 
 # --- 3-D positional encoding -------------------------------------------------------------------
@@ -301,7 +306,11 @@ def test_model_contract_and_two_training_steps():
         assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
         assert all(p.grad is not None for p in model.parameters())  # every parameter is used
         optimizer.step()
-    for name in ["query_embed.weight", "backbone.stem.0.weight", "sequence_head.layers.0.weight"]:
+    for name in [
+        "query_embed.weight",
+        "backbone.stem.0.conv.weight",
+        "sequence_head.layers.0.weight",
+    ]:
         assert not torch.equal(before[name], model.state_dict()[name]), name
     with pytest.raises(ValueError):
         model(frames[:, :1])

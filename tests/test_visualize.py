@@ -1,4 +1,8 @@
-"""Overlays, comparisons, strips, GIFs, heatmaps and tube plots."""
+"""`minivseg.visualize`: edges match a pixel loop; overlays blend colours and draw white
+boundaries; a track keeps its colour across frames; compare and strip layouts; GIFs hold every
+frame; heatmaps resize and map the peak to the top colour; tube plots draw every subsampled tube
+pixel; stitched-video ids (divisor 65536) draw like clip ids.
+"""
 
 import matplotlib
 import matplotlib.pyplot as plt

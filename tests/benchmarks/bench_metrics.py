@@ -11,6 +11,25 @@ scored by
 
 and by `minivseg.metrics.STQ` / `VPQ`. It checks that the numbers agree and prints the speed
 ratios. ``tests/test_metrics.py`` uses the two references as its naive ground truth.
+
+Measured (``OMP_NUM_THREADS=1 python tests/benchmarks/bench_metrics.py``: 50 frames of 375x1242,
+20 tracks, one CPU thread, on this project's 2-core x86 CPU machine, shared with other jobs; CPU
+time, wall in brackets):
+
+=================  =================  ===========================  ====================
+metric             minivseg           straightforward reference    speed-up
+=================  =================  ===========================  ====================
+STQ                0.094 s (0.146 s)  0.906 s (1.366 s)            9.6x CPU (9.3x wall)
+VPQ (windows 1-4)  0.121 s (0.181 s)  18.8 s (30.5 s)              155x CPU (169x wall)
+=================  =================  ===========================  ====================
+
+The run before gave 9.7x and 118x CPU; the machine's load moves the VPQ ratio most. The numbers
+agree (max |diff| 0 for STQ, 2.3e-13 for VPQ). STQ costs about 2 ms per 375x1242 frame (two
+table look-ups, a multiply-add and a ``bincount`` per pixel, which is about as far as numpy
+goes). Not run by this script: deeplab2's own numpy ``STQuality`` takes 1.43 s CPU on the same
+50 frames (about 15x ours), and the official ``eval_vpq.py`` routine 6.5 s CPU on 20 of them
+(ours 0.07 s, about 90x), both without PNG/JSON reading. STQ and VPQ together over 2000 such
+frames: 7.7 s CPU, with constant memory.
 """
 
 from __future__ import annotations
