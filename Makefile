@@ -7,6 +7,7 @@ DATA   ?=
 NGPUS  ?= 1
 SYNTH  := data/synthetic
 ARGS   ?=
+INIT   ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test lessons notebooks lab lint format data-samples bench train-kitti clean
@@ -59,10 +60,11 @@ bench: $(STAMP)  ## benchmarks: metrics vs reference, sparse vs dense temporal a
 	$(PY) tests/benchmarks/bench_metrics.py
 	$(PY) tests/benchmarks/bench_sparse_temporal.py
 
-train-kitti: $(STAMP)  ## full TubeFormer-DeepLab-B1 on KITTI-STEP: make train-kitti DATA=/path [NGPUS=k]
+train-kitti: $(STAMP)  ## full TubeFormer-DeepLab-B1 on KITTI-STEP: make train-kitti DATA=/path [NGPUS=k] [INIT=file.pt]
 	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/kitti-step (see README: KITTI-STEP)"; exit 2; }
 	$(PY) -m minivseg.data --check $(DATA) --splits train val
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) -m minivseg.train --preset=kitti --data=$(DATA) $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) -m minivseg.train --preset=kitti --data=$(DATA) \
+		$(if $(INIT),--init=$(INIT)) $(ARGS)
 
 clean:  ## remove generated data, runs and notebooks (keeps .venv)
 	rm -rf data runs outputs lessons/*.ipynb .pytest_cache .ruff_cache

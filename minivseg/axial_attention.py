@@ -16,7 +16,9 @@ Follows the deeplab2 variant used by MaX-DeepLab and TubeFormer-DeepLab
 - one BatchNorm after the q/k/v projection;
 - relative-position tables of 2 * max_span - 1 rows (509 for MAX_SPAN 255), indexed by the runtime
   distance ``key - query + max_span - 1`` clipped to the table, so any length works and lengths
-  beyond max_span share the outermost embedding.
+  beyond max_span share the outermost embedding;
+- ``stride`` keeps every stride-th row after the height axis and every stride-th column after the
+  width axis, so the width axis (and its train-mode BN statistics) sees only the kept rows.
 Differences: none intended (a PyTorch transcription of deeplab2's layer gives the same outputs;
 lesson 01, "Measured").
 
@@ -128,8 +130,10 @@ class AxialAttention2D(nn.Module):
         value_channels: int,
         num_heads: int = 8,
         max_span: int = 255,
+        stride: int = 1,
     ):
         super().__init__()
+        self.stride = stride
         self.height = AxialAttention(
             in_channels, key_channels, value_channels, num_heads, "height", max_span
         )
@@ -138,5 +142,9 @@ class AxialAttention2D(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) -> (B, value_channels, H, W); every output sees the whole image."""
-        return self.width(self.height(x))
+        """x (B, C, H, W) -> (B, value_channels, H', W'), every output sees the whole image;
+        H' = (H - 1) // stride + 1, W' likewise."""
+        if self.stride == 1:
+            return self.width(self.height(x))
+        s = self.stride
+        return self.width(self.height(x)[:, :, ::s])[:, :, :, ::s]

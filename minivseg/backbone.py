@@ -19,6 +19,10 @@ axial_block_groups.py, drop_path.py; the decoder: axial_resnet.py ``call_stacked
 zero stacks, resized_fuse.py):
 - "activation at block input": a block applies ReLU to its non-activated input, takes the
   shortcut from that activated input, and returns shortcut + branch without activation;
+- ``activation="gelu"`` puts exact (erf) GeLU in place of every ReLU, in the stem, the blocks and
+  the decoder (deeplab2 passes ``activation`` to each; activations.py ``'gelu'`` is
+  ``approximate=False``): deeplab2's kMaX pixel encoder ``axial_resnet50``, whose ImageNet-22k
+  checkpoint is "Axial-ResNet-50 (MaX-S w/ GeLU)". The state_dict keys are the same;
 - the last BN of every residual branch (conv3) starts with gamma 0;
 - drop path with deeplab2's linear schedule (keep 1 - (1 - p) * stage / 4 beyond stride 16):
   keep 0.85 at stride 16 and 0.8 at stride 32 when ``drop_path_keep_prob=0.8``;
@@ -54,6 +58,14 @@ from torch import nn
 from minivseg.axial_attention import BN_EPS, BN_MOMENTUM, AxialAttention2D
 
 OUTPUT_STRIDE = 16
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # F.gelu is the exact erf form
+
+
+def activation_fn(name: str):
+    """``"relu"`` or ``"gelu"`` -> its function; any other name raises a ValueError."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
 
 
 def conv_bn(in_channels, out_channels, kernel_size, stride=1, dilation=1, zero_gamma=False):
@@ -115,13 +127,17 @@ class BottleneckBlock(nn.Module):
         num_heads: int = 8,
         max_span: int = 255,
         dilation: int = 1,
+        activation: str = "relu",
     ):
         super().__init__()
         self.stride, self.axial = stride, axial
+        self.act = activation_fn(activation)
         width = 2 * filters if axial else filters
         self.conv1 = conv_bn(in_channels, width, 1)
         if axial:
-            self.attention = AxialAttention2D(width, filters, 2 * filters, num_heads, max_span)
+            self.attention = AxialAttention2D(
+                width, filters, 2 * filters, num_heads, max_span, stride
+            )
         else:
             self.conv2 = conv_bn(width, filters, 3, stride, dilation)
         self.conv3 = conv_bn(width if axial else filters, 4 * filters, 1, zero_gamma=True)
@@ -132,14 +148,14 @@ class BottleneckBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) non-activated -> (B, 4F, (H-1)//stride + 1, (W-1)//stride + 1) idem."""
-        x = F.relu(x)
+        x = self.act(x)
         s = self.stride
         shortcut = x[:, :, ::s, ::s] if self.shortcut is None else self.shortcut(x)
-        y = F.relu(self.conv1(x))
+        y = self.act(self.conv1(x))
         if self.axial:
-            y = F.relu(self.attention(y))[:, :, ::s, ::s]
+            y = self.act(self.attention(y))  # strided inside, as deeplab2
         else:
-            y = F.relu(self.conv2(y))
+            y = self.act(self.conv2(y))
         return shortcut + self.drop_path(self.conv3(y))
 
 
@@ -148,6 +164,7 @@ class AxialResNet(nn.Module):
 
     ``output_stride=32`` (an ImageNet-style ResNet, as VisTR's backbone) strides stage 5's first
     block by 2 and dilates nothing; axial blocks stay where the original ResNet stride is 16.
+    ``activation="gelu", output_stride=32`` is deeplab2's "Axial-ResNet-50 (MaX-S w/ GeLU)".
     """
 
     def __init__(
@@ -161,18 +178,21 @@ class AxialResNet(nn.Module):
         max_span: int = 255,
         extra_stage4_axial_blocks: int = 0,
         output_stride: int = OUTPUT_STRIDE,
+        activation: str = "relu",
     ):
         super().__init__()
         if output_stride not in (16, 32):
             raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
+        activation_fn(activation)
         self.output_stride = output_stride
         c1, c2, c3 = stem_channels
         # Inception stem: three 3x3 convs, no max-pool; the last one is not activated.
+        act = nn.GELU if activation == "gelu" else nn.ReLU  # nn.GELU() is the exact form
         self.stem = nn.Sequential(
             conv_bn(3, c1, 3, stride=2),
-            nn.ReLU(),
+            act(),
             conv_bn(c1, c2, 3),
-            nn.ReLU(),
+            act(),
             conv_bn(c2, c3, 3),
         )
         self.channels = {"stem": c3}
@@ -194,6 +214,7 @@ class AxialResNet(nn.Module):
                         num_heads=num_heads,
                         max_span=max_span,
                         dilation=max(resnet_stride // output_stride, 1),
+                        activation=activation,
                     )
                 )
                 in_channels = 4 * filters
@@ -218,8 +239,9 @@ class AxialResNet(nn.Module):
 class ResizedFuse(nn.Module):
     """Sum of inputs brought to one size and width: equal width -> resize only, else ReLU -> 1x1."""
 
-    def __init__(self, in_channels, out_channels: int):
+    def __init__(self, in_channels, out_channels: int, activation: str = "relu"):
         super().__init__()
+        self.act = activation_fn(activation)
         self.projections = nn.ModuleList(
             nn.Identity() if c == out_channels else conv_bn(c, out_channels, 1) for c in in_channels
         )
@@ -229,7 +251,7 @@ class ResizedFuse(nn.Module):
         fused = 0
         for feature, project in zip(features, self.projections):
             if not isinstance(project, nn.Identity):
-                feature = project(F.relu(feature))
+                feature = project(self.act(feature))
             if tuple(feature.shape[-2:]) != tuple(size):
                 feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=True)
             fused = fused + feature
@@ -246,18 +268,20 @@ class PixelDecoder(nn.Module):
         in_channels_s4: int,
         filters_s8: int = 128,
         filters_s4: int = 64,
+        activation: str = "relu",
     ):
         super().__init__()
-        self.fuse_s8 = ResizedFuse([in_channels_s16, in_channels_s8], 4 * filters_s8)
-        self.block_s8 = BottleneckBlock(4 * filters_s8, filters_s8)
-        self.fuse_s4 = ResizedFuse([4 * filters_s8, in_channels_s4], 4 * filters_s4)
-        self.block_s4 = BottleneckBlock(4 * filters_s4, filters_s4)
-        self.out_channels = 4 * filters_s4
+        width_s8, width_s4 = 4 * filters_s8, 4 * filters_s4
+        self.fuse_s8 = ResizedFuse([in_channels_s16, in_channels_s8], width_s8, activation)
+        self.block_s8 = BottleneckBlock(width_s8, filters_s8, activation=activation)
+        self.fuse_s4 = ResizedFuse([width_s8, in_channels_s4], width_s4, activation)
+        self.block_s4 = BottleneckBlock(width_s4, filters_s4, activation=activation)
+        self.out_channels = width_s4
 
     def forward(self, s16: torch.Tensor, s8: torch.Tensor, s4: torch.Tensor) -> torch.Tensor:
         """s16 (B,C16,h16,w16), s8 (B,C8,h8,w8), s4 (B,C4,h4,w4) -> (B, out_channels, h4, w4).
 
-        Output is non-activated; the caller applies ReLU.
+        Output is non-activated; the caller applies the activation.
         """
         x = self.block_s8(self.fuse_s8([s16, s8], s8.shape[-2:]))
         return self.block_s4(self.fuse_s4([x, s4], s4.shape[-2:]))

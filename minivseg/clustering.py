@@ -28,12 +28,14 @@ kMaX the argmax layer keeps the cross-attention and the pixel update, and takes 
 ``S`` rather than of an auxiliary mask head's logits.
 Conventions are deeplab2's dual-path layer (``dual_path.py``): bias-free projections + BN, BN on
 logits and retrieved values, no 1/sqrt(d), gamma-0 last BN per residual branch, ReLU after each
-memory add, non-activated pixels. deeplab2 (model/layers/dual_path_transformer.py) has kMaX's
-argmax assignment (``kmeans_assignment_step``) and k-means branch (``kmeans_update_memory_step``,
-added beside the attention branch in ``call``): Eq. (7)'s two terms are two such residual
-branches with their own BN and projection, and Eq. (8) has the layout of its P2M branch. The
-aux outputs follow model/kmax_deeplab.py ``_prepare_auxiliary_results`` (the centres before the
-update, align-corners resize). Eq. (9)-(13) have no reference code; they follow the paper.
+memory add, non-activated pixels; ``activation="gelu"``: every ReLU here an exact GeLU, as in
+`GlobalDualPath` (deeplab2's layer has one ``activation``, k-means branch included). deeplab2
+(model/layers/dual_path_transformer.py) has kMaX's argmax assignment (``kmeans_assignment_step``)
+and k-means branch (``kmeans_update_memory_step``, added beside the attention branch in
+``call``): Eq. (7)'s two terms are two such residual branches with their own BN and projection,
+and Eq. (8) has the layout of its P2M branch. The aux outputs follow model/kmax_deeplab.py
+``_prepare_auxiliary_results`` (the centres before the update, align-corners resize).
+Eq. (9)-(13) have no reference code; they follow the paper.
 Differences from the paper: ``S`` and Z are single-head (the attention has ``num_heads``);
 ``e`` is 0 before the first layer, so its ``e + MLP(C)`` is the projection of the centres;
 coordinates are ``(y, x)`` in ``[0, 1]`` per frame (``i / (h - 1)``, align-corners), and a tube's
@@ -56,7 +58,7 @@ from einops import rearrange
 from torch import nn
 
 from minivseg.axial_attention import BN_EPS, BN_MOMENTUM
-from minivseg.backbone import DropPath
+from minivseg.backbone import DropPath, activation_fn
 from minivseg.dual_path import Attention, HierarchicalBlock, LinearBN
 
 
@@ -102,8 +104,10 @@ class ClusteringUpdate(nn.Module):
         num_reference_points: int = 8,
         assignment: str = "soft",
         coord_conv: bool = True,
+        activation: str = "relu",
     ):
         super().__init__()
+        self.act = activation_fn(activation)
         if key_channels % num_heads or value_channels % num_heads:
             raise ValueError(f"key/value channels must be divisible by num_heads={num_heads}")
         if assignment not in ("soft", "argmax"):
@@ -131,7 +135,7 @@ class ClusteringUpdate(nn.Module):
         self.memory_cluster_query = LinearBN(bottleneck_channels, key_channels, std=std)
         self.pixel_cluster_key = LinearBN(bottleneck_channels, key_channels, std=std)
         self.assignment_bn = nn.BatchNorm2d(1, BN_EPS, BN_MOMENTUM)  # BN on logits, no 1/sqrt(d)
-        self.memory_attention = Attention(num_heads, value_channels)
+        self.memory_attention = Attention(num_heads, value_channels, activation)
         self.memory_conv3 = LinearBN(value_channels, memory_channels, gamma=0.0)
         self.cluster_values_bn = nn.BatchNorm1d(value_channels, BN_EPS, BN_MOMENTUM)
         self.cluster_conv3 = LinearBN(value_channels, memory_channels, gamma=0.0)
@@ -166,10 +170,10 @@ class ClusteringUpdate(nn.Module):
             raise ValueError(f"pixels have P={P}, but shape {tuple(shape)} gives {T * h * w}")
         state = state or {}
         new_state = {}
-        memory_in, pixels_in = memory, F.relu(pixels)
+        memory_in, pixels_in = memory, self.act(pixels)
         if self.num_reference_points:
             e = state.get("reference_logits", 0.0)
-            mlp = self.reference_mlp2(F.relu(self.reference_mlp1(memory)))
+            mlp = self.reference_mlp2(self.act(self.reference_mlp1(memory)))
             e = e + rearrange(mlp.float(), "b n (r two) -> b n r two", two=2)  # Eq. (9)
             reference_points = torch.sigmoid(e)  # Eq. (10)
             new_state.update(reference_logits=e, reference_points=reference_points)
@@ -178,8 +182,8 @@ class ClusteringUpdate(nn.Module):
             memory_in = torch.cat([memory, r_c], -1)  # Eq. (11)
             r_p = normalized_coordinates(h, w, pixels.device).to(pixels.dtype).repeat(T, 1)
             pixels_in = torch.cat([pixels_in, r_p.expand(B, P, 2)], -1)  # Eq. (12)
-        m = F.relu(self.memory_conv1(memory_in))
-        p = F.relu(self.pixel_conv1(pixels_in))
+        m = self.act(self.memory_conv1(memory_in))
+        p = self.act(self.pixel_conv1(pixels_in))
         q_m, k_m, v_m = self.memory_qkv(m).split(self.memory_split, dim=-1)
         k_p, v_p = self.pixel_kv(p).split(self.pixel_split, dim=-1)
 
@@ -196,17 +200,17 @@ class ClusteringUpdate(nn.Module):
         y_m = self.memory_attention(q_m, torch.cat([k_p, k_m], 1), torch.cat([v_p, v_m], 1))
         y_c = clustering_center_update(v_p, Z)  # (B, N, vd), a sum over the assigned pixels
         y_c = self.cluster_values_bn(y_c.reshape(-1, y_c.shape[-1])).view_as(y_c)
-        memory_out = F.relu(
+        memory_out = self.act(
             memory
             + self.memory_drop_path(self.memory_conv3(y_m))
             + self.cluster_drop_path(self.cluster_conv3(y_c))
         )
-        ffn = self.memory_ffn2(F.relu(self.memory_ffn1(memory_out)))
-        memory_out = F.relu(memory_out + self.ffn_drop_path(ffn))
+        ffn = self.memory_ffn2(self.act(self.memory_ffn1(memory_out)))
+        memory_out = self.act(memory_out + self.ffn_drop_path(ffn))
 
         # Eq. (8): F + Z Vc, with the layer-input centres' values; pixels stay non-activated.
         y_p = torch.einsum("bnp,bnc->bpc", Z, v_m)
-        y_p = F.relu(self.pixel_values_bn(y_p.reshape(-1, y_p.shape[-1])).view_as(y_p))
+        y_p = self.act(self.pixel_values_bn(y_p.reshape(-1, y_p.shape[-1])).view_as(y_p))
         pixels_out = pixels + self.pixel_drop_path(self.pixel_conv3(y_p))
         return pixels_out, memory_out, new_state
 

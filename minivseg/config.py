@@ -60,6 +60,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     pretrained: str = ""  # torchvision ResNet-50 state dict file for the backbone
+    init: str = ""  # .pt from python -m minivseg.convert_deeplab2: tensors loaded by name
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     # bookkeeping
     out_dir: str = "runs/demo"  # checkpoints, logs, curves

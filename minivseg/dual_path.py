@@ -28,7 +28,8 @@ by BatchNorm over channels; BN on the attention logits (one channel per head) re
 1/sqrt(d) scaling; BN + ReLU on the retrieved values; the last BN of every residual branch starts
 at gamma 0; the memory path ends every residual add in ReLU, the pixel path stays non-activated;
 each branch has its own drop-path mask. With MaX-DeepLab-S sizes a layer has 2,503,712
-parameters, as in deeplab2.
+parameters, as in deeplab2. ``activation="gelu"`` makes every one of those ReLUs an exact GeLU,
+memory path included, as deeplab2's layer does with its ``activation`` argument.
 Differences from the papers: none intended. TubeFormer gives no internals for the latent layer;
 we use MaX-DeepLab's layer for it, which realises exactly its L2F, L2L and F2L attentions.
 ``gradient_checkpointing`` (an addition) recomputes each part in backward with identical outputs,
@@ -40,13 +41,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minivseg.axial_attention import BN_EPS, BN_MOMENTUM
-from minivseg.backbone import DropPath
+from minivseg.backbone import DropPath, activation_fn
 
 
 class LinearBN(nn.Module):
@@ -78,22 +78,24 @@ class Attention(nn.Module):
     ``probabilities`` is an identity module: a forward hook on it reads the attention maps.
     """
 
-    def __init__(self, num_heads: int, value_channels: int):
+    def __init__(self, num_heads: int, value_channels: int, activation: str = "relu"):
         super().__init__()
         self.num_heads = num_heads
+        self.act = activation_fn(activation)
         self.logits_bn = nn.BatchNorm2d(num_heads, BN_EPS, BN_MOMENTUM)  # one channel per head
         self.values_bn = nn.BatchNorm1d(value_channels, BN_EPS, BN_MOMENTUM)
         self.probabilities = nn.Identity()
 
     def forward(self, query, key, value) -> torch.Tensor:
-        """query (B, Q, kd), key (B, K, kd), value (B, K, vd) -> ReLU(BN(retrieved)) (B, Q, vd)."""
+        """query (B, Q, kd), key (B, K, kd), value (B, K, vd) -> act(BN(retrieved)) (B, Q, vd)."""
         q, k, v = (
             rearrange(x, "b n (h d) -> b h n d", h=self.num_heads) for x in (query, key, value)
         )
         logits = self.logits_bn(torch.einsum("bhqd,bhkd->bhqk", q, k))
         weights = self.probabilities(logits.softmax(dim=-1))  # (B, h, Q, K)
         retrieved = rearrange(torch.einsum("bhqk,bhkd->bhqd", weights, v), "b h q d -> b q (h d)")
-        return F.relu(self.values_bn(retrieved.reshape(-1, retrieved.shape[-1])).view_as(retrieved))
+        retrieved = self.values_bn(retrieved.reshape(-1, retrieved.shape[-1])).view_as(retrieved)
+        return self.act(retrieved)
 
 
 class GlobalDualPath(nn.Module):
@@ -115,23 +117,25 @@ class GlobalDualPath(nn.Module):
         ffn_channels: int = 2048,
         drop_path: float = 0.0,
         update_memory: bool = True,
+        activation: str = "relu",
     ):
         super().__init__()
         if key_channels % num_heads or value_channels % num_heads:
             raise ValueError(f"key/value channels must be divisible by num_heads={num_heads}")
         self.split = (key_channels, key_channels, value_channels)
+        self.act = activation_fn(activation)
         std = bottleneck_channels**-0.5
         self.memory_conv1 = LinearBN(memory_channels, bottleneck_channels)
         self.pixel_conv1 = LinearBN(pixel_channels, bottleneck_channels)
         self.memory_qkv = LinearBN(bottleneck_channels, sum(self.split), std=std)
         self.pixel_qkv = LinearBN(bottleneck_channels, sum(self.split), std=std)
-        self.pixel_attention = Attention(num_heads, value_channels)
+        self.pixel_attention = Attention(num_heads, value_channels, activation)
         self.pixel_conv3 = LinearBN(value_channels, pixel_channels, gamma=0.0)
         # Three independent per-sample masks (deeplab2 draws one per branch).
         self.pixel_drop_path = DropPath(drop_path)
         self.update_memory = update_memory
         if update_memory:  # off when nothing reads this layer's output memory
-            self.memory_attention = Attention(num_heads, value_channels)
+            self.memory_attention = Attention(num_heads, value_channels, activation)
             self.memory_conv3 = LinearBN(value_channels, memory_channels, gamma=0.0)
             self.memory_ffn1 = LinearBN(memory_channels, ffn_channels)
             self.memory_ffn2 = LinearBN(ffn_channels, memory_channels, gamma=0.0)
@@ -140,8 +144,8 @@ class GlobalDualPath(nn.Module):
 
     def forward(self, pixels: torch.Tensor, memory: torch.Tensor):
         """pixels (B, P, Cp) non-activated, memory (B, N, Cm) -> (pixels (B, P, Cp), memory)."""
-        m = F.relu(self.memory_conv1(memory))  # the memory itself is not activated first
-        p = F.relu(self.pixel_conv1(F.relu(pixels)))
+        m = self.act(self.memory_conv1(memory))  # the memory itself is not activated first
+        p = self.act(self.pixel_conv1(self.act(pixels)))
         q_m, k_m, v_m = self.memory_qkv(m).split(self.split, dim=-1)
         q_p, k_p, v_p = self.pixel_qkv(p).split(self.split, dim=-1)
 
@@ -153,9 +157,9 @@ class GlobalDualPath(nn.Module):
 
         # M2V + M2M: y_m = sum_{n in P+N} softmax_n(q_m . [k_p; k_m]_n) [v_p; v_m]_n, one softmax.
         y_m = self.memory_attention(q_m, torch.cat([k_p, k_m], 1), torch.cat([v_p, v_m], 1))
-        memory_out = F.relu(memory + self.memory_drop_path(self.memory_conv3(y_m)))
-        ffn = self.memory_ffn2(F.relu(self.memory_ffn1(memory_out)))
-        memory_out = F.relu(memory_out + self.ffn_drop_path(ffn))
+        memory_out = self.act(memory + self.memory_drop_path(self.memory_conv3(y_m)))
+        ffn = self.memory_ffn2(self.act(self.memory_ffn1(memory_out)))
+        memory_out = self.act(memory_out + self.ffn_drop_path(ffn))
         return pixels_out, memory_out
 
 

@@ -23,12 +23,13 @@ one (tests/test_train.py).
 - **Optimisation.** Adam or AdamW; linear warm-up, then poly decay (power 0.9) or, with
   ``--lr_drop=F``, LR × 0.1 after the fraction F of ``max_steps`` (VisTR's StepLR); optional
   ``--grad_clip`` (1.0 in ``demo``, off in ``kitti`` as in deeplab2); ``--accumulate`` (effective
-  batch = batch × accumulate × GPUs). With ``--pretrained=FILE`` (a torchvision ResNet-50 state
-  dict) exactly the parameters it filled learn at ``backbone_lr_multiplier`` × LR (deeplab2: 0.1);
-  everything that starts random, the axial attention included, learns at the full LR (the start-up
-  line prints the loaded parameter count). On CUDA the forward runs under bf16 autocast; losses are
-  float32. ``--freeze_batchnorm`` keeps every BatchNorm in eval mode for the whole run, in-training
-  evaluations included.
+  batch = batch × accumulate × GPUs). With ``--init=FILE.pt`` (deeplab2 weights from
+  `minivseg.convert_deeplab2`, loaded by name) or ``--pretrained=FILE`` (a torchvision ResNet-50
+  state dict) exactly the backbone parameters they filled (stem, stages 2-5) learn at
+  ``backbone_lr_multiplier`` × LR (deeplab2: 0.1); everything that starts random, the axial
+  attention included, learns at the full LR (the start-up line prints the loaded parameter count).
+  On CUDA the forward runs under bf16 autocast; losses are float32. ``--freeze_batchnorm`` keeps
+  every BatchNorm in eval mode for the whole run, in-training evaluations included.
 - **Threads.** ``--threads=N`` sets torch's threads (0: one per core); the CPU presets use 1, beside
   one loader worker. Measured on this project's 2-core machine, shared with other jobs, demo preset
   (CPU time of trainer and worker per step, single noisy runs): 2 threads 0.29–0.31 s idle but
@@ -124,20 +125,63 @@ def param_groups(model, cfg: TrainConfig, pretrained: set[int] = frozenset()):
     return groups
 
 
+def backbone_view(model) -> nn.Module | None:
+    """The ImageNet-pretrainable ResNet (stem, stages 2-5: deeplab2's backbone-LR variables) of
+    TubeFormer and VisTR; None for a model without one (the STT segmenter)."""
+    if hasattr(model, "resnet_view"):
+        return model.resnet_view()
+    return getattr(model, "backbone", None)
+
+
+def report_init(model, backbone, source: str, loaded: list[str], tensors: dict, notes: str):
+    """Print what an initialisation filled; the ids of the filled ``backbone`` parameters, which
+    learn at ``backbone_lr_multiplier`` x LR (BN statistics are buffers, not parameters)."""
+    backbone = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    ids = {id(tensors[k]) for k in loaded if isinstance(tensors[k], nn.Parameter)}
+    slow = ids & backbone
+    count = sum(p.numel() for p in model.parameters() if id(p) in slow)
+    total = sum(p.numel() for p in model.parameters() if id(p) in ids)
+    print(f"{source}: loaded {len(loaded)} tensors ({total:,} parameters; {count:,} backbone "
+          f"parameters at LR x backbone_lr_multiplier), {notes}")  # fmt: skip
+    return slow
+
+
 def load_pretrained_backbone(model, path: str) -> set[int]:
-    """Copy a torchvision ResNet-50 state dict into the backbone; the ids of the parameters it
-    filled (BN statistics are buffers, not parameters)."""
+    """``--pretrained``: copy a torchvision ResNet-50 state dict into the backbone."""
     from minivseg.backbone import load_torchvision_resnet50
 
-    view = model.resnet_view()
+    view = backbone_view(model)
+    if view is None:
+        raise checkpoint.CheckpointError(f"--pretrained: a {type(model).__name__} has no ResNet")
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     report = load_torchvision_resnet50(view, state_dict)
+    notes = f"skipped {len(report['skipped'])} torchvision tensors"
     tensors = view.state_dict(keep_vars=True)
-    loaded = {id(tensors[k]) for k in report["copied"] if isinstance(tensors[k], nn.Parameter)}
-    count = sum(p.numel() for p in model.parameters() if id(p) in loaded)
-    print(f"pretrained: loaded {len(report['loaded'])} tensors ({count:,} parameters at "
-          f"LR x backbone_lr_multiplier), skipped {len(report['skipped'])}")  # fmt: skip
-    return loaded
+    return report_init(view, view, "pretrained", report["copied"], tensors, notes)
+
+
+def load_init(model, path: str) -> set[int]:
+    """``--init``: load a `minivseg.convert_deeplab2` file by name into ``model``.
+
+    Every tensor of the file must exist in the model with its shape; model tensors the file
+    lacks keep their initialisation ("new"). A file converted for another activation stops.
+    """
+    payload = checkpoint.load_checkpoint(path, ("state_dict", "report"))
+    state, activation = payload["state_dict"], payload.get("activation", "relu")
+    if activation != getattr(getattr(model, "cfg", None), "activation", "relu"):
+        raise checkpoint.CheckpointError(f"{path} was converted for activation={activation}: "
+                                         f"add --model.activation={activation}")  # fmt: skip
+    tensors = model.state_dict(keep_vars=True)
+    for key, value in state.items():
+        if key not in tensors or tuple(tensors[key].shape) != tuple(value.shape):
+            have = tuple(tensors[key].shape) if key in tensors else "no such tensor"
+            raise checkpoint.CheckpointError(f"{path}: {key} {tuple(value.shape)} does not fit "
+                                             f"the model ({have})")  # fmt: skip
+    model.load_state_dict(state, strict=False)
+    new = [k for k in tensors if k not in state and not k.endswith("num_batches_tracked")]
+    unused = len(payload["report"].get("unused", {}))
+    notes = f"{len(new)} model tensors new, {unused} checkpoint variables unused"
+    return report_init(model, backbone_view(model), f"init {path}", list(state), tensors, notes)
 
 
 def train_mode(model, freeze_batchnorm: bool) -> None:
@@ -182,7 +226,9 @@ def main(cfg: TrainConfig) -> dict:
 
     # --- model, loss ---------------------------------------------------------------------------
     model, criterion = build_task(cfg)
-    pretrained = load_pretrained_backbone(model, cfg.pretrained) if cfg.pretrained else set()
+    pretrained = load_init(model, cfg.init) if cfg.init else set()
+    if cfg.pretrained:
+        pretrained |= load_pretrained_backbone(model, cfg.pretrained)
     model.to(device)
     if distributed and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

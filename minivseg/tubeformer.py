@@ -18,6 +18,8 @@ which ``build_model("kitti", use_latent=False)`` reproduces). TubeFormer additio
 latent memory (L slots, copied per frame); the last |C_stuff| global slots reserved for the stuff
 classes ("global memory with split thing and stuff"); the semantic head on x'_v ("shared semantic
 and panoptic prediction"); ``n`` = TubeFormer-DeepLab-Bn (§4.2, §4.4).
+``activation="gelu"`` (exact GeLU) goes wherever deeplab2's AxialResNet passes its ``activation``:
+backbone, dual paths, decoder, class/mask FFNs; the pixel head keeps ReLU (deeplab2's MaX head).
 ``memory_update="clustering"`` swaps every global dual-path layer for CMT-DeepLab's clustering
 update (`minivseg.clustering`, §3.3): the slots cluster the clip's pixels into tubes, and each
 layer's assignment logits S, upsampled to stride 4, are its deep-supervision tube logits, paired
@@ -46,7 +48,13 @@ from einops import rearrange
 from torch import nn
 
 from minivseg.axial_attention import BN_EPS, BN_MOMENTUM
-from minivseg.backbone import AxialResNet, BottleneckBlock, PixelDecoder, drop_path_rate
+from minivseg.backbone import (
+    AxialResNet,
+    BottleneckBlock,
+    PixelDecoder,
+    activation_fn,
+    drop_path_rate,
+)
 from minivseg.clustering import ClusteringBlock, ClusteringUpdate, assignment_mask_logits
 from minivseg.dual_path import (
     GlobalDualPath,
@@ -69,6 +77,7 @@ class TubeFormerConfig:
     max_span: int = 255  # longest axis with its own relative position (509-row tables)
     n: int = 1  # TubeFormer-DeepLab-Bn: stage-4 axial blocks stacked n times (+11.2M per n)
     drop_path_keep_prob: float = 1.0  # keep prob at stride 32 (linear schedule; 0.8 for training)
+    activation: str = "relu"  # "relu" or "gelu" (exact; "Axial-ResNet-50 (MaX-S w/ GeLU)")
     # global memory and dual-path layers
     memory_update: str = "dual_path"  # global layer type: "dual_path" or "clustering" (CMT)
     clustering_assignment: str = "soft"  # clustering Z: "soft" softmax_N or "argmax" (kMaX)
@@ -125,12 +134,13 @@ def make_global_layer(cfg: TubeFormerConfig, pixel_channels: int, drop_path: flo
         return GlobalDualPath(
             pixel_channels, cfg.memory_channels, cfg.bottleneck_channels, cfg.key_channels,
             cfg.value_channels, cfg.transformer_heads, cfg.ffn_channels, drop_path,
+            activation=cfg.activation,
         )  # fmt: skip
     if cfg.memory_update == "clustering":
         return ClusteringUpdate(
             pixel_channels, cfg.memory_channels, cfg.bottleneck_channels, cfg.key_channels,
             cfg.value_channels, cfg.transformer_heads, cfg.ffn_channels, drop_path,
-            cfg.num_reference_points, cfg.clustering_assignment, cfg.coord_conv,
+            cfg.num_reference_points, cfg.clustering_assignment, cfg.coord_conv, cfg.activation,
         )  # fmt: skip
     raise ValueError(
         f"unknown memory_update {cfg.memory_update!r}; available: 'dual_path', 'clustering'"
@@ -143,6 +153,7 @@ class TubeFormer(nn.Module):
     def __init__(self, cfg: TubeFormerConfig):
         super().__init__()
         self.cfg = cfg
+        self.act = activation_fn(cfg.activation)
         K = cfg.num_classes
         things = tuple(cfg.thing_classes)
         if len(set(things)) != len(things) or not all(0 <= c < K for c in things):
@@ -164,6 +175,7 @@ class TubeFormer(nn.Module):
         self.backbone = AxialResNet(
             (*cfg.num_blocks[:3], 0), cfg.base_width, cfg.stem_channels, cfg.drop_path_keep_prob,
             cfg.use_axial, cfg.axial_heads, cfg.max_span, (cfg.n - 1) * stage4_axial,
+            activation=cfg.activation,
         )  # fmt: skip
         channels = self.backbone.channels
 
@@ -177,6 +189,7 @@ class TubeFormer(nn.Module):
             pixel_block = BottleneckBlock(
                 in_channels, filters, axial=cfg.use_axial, drop_path=rate,
                 num_heads=cfg.axial_heads, max_span=cfg.max_span, dilation=stride // 16,
+                activation=cfg.activation,
             )  # fmt: skip
             latent = None
             if cfg.use_latent:
@@ -185,6 +198,7 @@ class TubeFormer(nn.Module):
                     bottleneck_channels=cfg.bottleneck_channels,
                     key_channels=cfg.key_channels, value_channels=cfg.value_channels,
                     num_heads=cfg.transformer_heads, ffn_channels=cfg.ffn_channels,
+                    activation=cfg.activation,
                     update_memory=index < len(resnet_strides) - 1,  # the last latent is never read
                 )  # fmt: skip
             global_path = make_global_layer(cfg, pixel_channels, rate) if cfg.use_global else None
@@ -206,7 +220,7 @@ class TubeFormer(nn.Module):
 
         self.decoder = PixelDecoder(
             pixel_channels, channels["res3"], channels["res2"], cfg.decoder_filters_s8,
-            cfg.decoder_filters_s4,
+            cfg.decoder_filters_s4, cfg.activation,
         )  # fmt: skip
 
         # Memory side: class and mask FFNs, class FC, mask-embedding FC + BN, tube-logit BN.
@@ -217,6 +231,7 @@ class TubeFormer(nn.Module):
         self.register_buffer("void_prior", prior, persistent=False)
 
         # Pixel side: depthwise 5x5 + BN + ReLU, 1x1 + BN + ReLU, 1x1 -> D with bias, BN, L2 norm.
+        # ReLU for any activation: deeplab2's MaX-DeepLab builds this head with its default.
         width, P, D = self.decoder.out_channels, cfg.pixel_head_channels, cfg.embedding_channels
         self.pixel_head = nn.Sequential(
             OrderedDict(
@@ -266,7 +281,7 @@ class TubeFormer(nn.Module):
     def classify(self, memory: torch.Tensor, heads: nn.Module | None = None) -> torch.Tensor:
         """memory (B, N, Cm) -> class logits (B, N, K + 1), void prior added."""
         heads = self if heads is None else heads
-        return heads.class_head(F.relu(heads.class_feature(memory))) + self.void_prior
+        return heads.class_head(self.act(heads.class_feature(memory))) + self.void_prior
 
     def predict(
         self, memory: torch.Tensor, pixel_embedding: torch.Tensor, heads: nn.Module | None = None
@@ -275,7 +290,7 @@ class TubeFormer(nn.Module):
         ``heads`` (an aux head) or the final heads."""
         heads = self if heads is None else heads
         class_logits = self.classify(memory, heads)
-        kernels = heads.mask_head(F.relu(heads.mask_feature(memory)))  # (B, N, D), no activation
+        kernels = heads.mask_head(self.act(heads.mask_feature(memory)))  # (B, N, D), no activation
         # Eq. (1): tube logits x'_v . w for every slot and every pixel of the clip.
         logits = torch.einsum("bnd,bdthw->bnthw", kernels, pixel_embedding)
         logits = heads.mask_bn(logits.reshape(len(logits), 1, -1)).view_as(logits)
@@ -324,7 +339,7 @@ class TubeFormer(nn.Module):
             memories.append(memory)
 
         s16 = rearrange(video, "b t c h w -> (b t) c h w")
-        decoded = F.relu(self.decoder(s16, res3, res2))  # (B*T, C, h, w) at stride 4
+        decoded = self.act(self.decoder(s16, res3, res2))  # (B*T, C, h, w) at stride 4
         embedding = F.normalize(self.pixel_head(decoded), dim=1)
         embedding = rearrange(embedding, "(b t) d h w -> b d t h w", b=B)  # x'_v
 

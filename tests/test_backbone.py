@@ -6,6 +6,8 @@ test runs MaX-S's layout at tiny widths: a 129x417 input gives stem 65x209, res2
 17x53, res4/res5 9x27 and a 33x105 decoder output.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,6 +142,24 @@ def test_strided_block_without_projection_subsamples_shortcut(axial):
     torch.testing.assert_close(out, F.relu(x)[:, :, ::2, ::2])
 
 
+def test_strided_axial_block_runs_the_width_axis_on_the_kept_rows_only():
+    """deeplab2 (axial_layers.py AxialAttention2D) strides the rows between the two axes: the eval
+    output of striding at the end, but the width axis (and its train-mode BN statistics) sees the
+    kept rows only. Only ``output_stride=32`` has such a block (stage 5's first)."""
+    torch.manual_seed(0)
+    strided = BottleneckBlock(16, 4, stride=2, axial=True, num_heads=2)
+    full = BottleneckBlock(16, 4, axial=True, num_heads=2)
+    full.load_state_dict(strided.state_dict())
+    for block in (strided, full):
+        block.conv3.bn.weight.data.fill_(1.0)  # the branch counts
+    rows = []
+    strided.attention.width.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape))
+    x = torch.randn(2, 16, 9, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(strided.eval()(x), full.eval()(x)[:, :, ::2, ::2])
+        assert strided.train()(x).shape == (2, 16, 5, 4) and rows[-1][-2:] == (5, 8)
+
+
 def test_drop_path_identity_in_eval_and_per_sample_in_train():
     drop = DropPath(0.25)
     x = torch.randn(4000, 3, 2, 2)
@@ -165,6 +185,49 @@ def test_resized_fuse_sums_projected_and_resized_inputs():
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out[..., ::2, ::2], projected + high[..., ::2, ::2])  # corners kept
     assert isinstance(fuse.projections[1], torch.nn.Identity)
+
+
+def exact_gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))  # deeplab2 "gelu": approximate=False
+
+
+def test_gelu_option_keeps_the_parameters_and_changes_every_activation():
+    """Default = explicit "relu", bit for bit; "gelu": same state_dict, exact GeLU everywhere."""
+    default, relu, gelu = (tiny_backbone(**kw) for kw in ({}, {"activation": "relu"},
+                                                           {"activation": "gelu"}))  # fmt: skip
+    assert repr(default) == repr(relu) and count(gelu) == count(default)
+    assert {k: v.shape for k, v in gelu.state_dict().items()} == {
+        k: v.shape for k, v in default.state_dict().items()
+    }
+    gelu.load_state_dict(default.state_dict())  # the same seed gave the same weights anyway
+    assert [type(m).__name__ for m in gelu.stem[1::2]] == ["GELU", "GELU"]
+    assert all(m.approximate == "none" for m in gelu.stem[1::2])
+    x = torch.randn(1, 3, 33, 49)
+    with torch.no_grad():
+        out, out_relu, out_gelu = (m.eval()(x) for m in (default, relu, gelu))
+    for key in out:
+        assert torch.equal(out[key], out_relu[key])
+        assert (out[key] - out_gelu[key]).abs().max() > 1e-2
+    # One block and the decoder fuse against a reference with the erf formula, in float64: the
+    # tanh approximation differs from it by up to 5e-4, far above this tolerance.
+    torch.manual_seed(0)
+    block = BottleneckBlock(12, 4, activation="gelu").double().eval()
+    fuse = ResizedFuse([6, 4], 4, activation="gelu").double().eval()
+    block.conv3.bn.weight.data.fill_(1.0)
+    x, low, high = (torch.randn(*shape, dtype=torch.float64) for shape in
+                    ((2, 12, 7, 5), (1, 6, 3, 3), (1, 4, 3, 3)))  # fmt: skip
+    with torch.no_grad():
+        a = exact_gelu(x)
+        y = exact_gelu(block.conv2(exact_gelu(block.conv1(a))))
+        torch.testing.assert_close(block(x), block.shortcut(a) + block.conv3(y), rtol=0, atol=1e-12)
+        want = fuse.projections[0](exact_gelu(low)) + high
+        torch.testing.assert_close(fuse([low, high], (3, 3)), want, rtol=0, atol=1e-12)
+    assert PixelDecoder(32, 16, 8, 4, 2, "gelu").block_s4.act is F.gelu
+    for bad in ("swish", "GELU", "approximated_gelu"):
+        with pytest.raises(ValueError, match="activation must be one of"):
+            AxialResNet(activation=bad)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        BottleneckBlock(8, 2, activation="tanh")
 
 
 def fake_torchvision_resnet50(width=8, blocks=(3, 4, 6, 3)):

@@ -1,6 +1,7 @@
 """Dual-path layers: naive-reference attention, frame independence, init, counts, checkpointing."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -37,11 +38,15 @@ def linear_bn(x, layer):
     return bn_eval(x @ layer.linear.weight.T, layer.bn)
 
 
-def naive_attention(q, k, v, attention, heads, joint=True, split=None):
+def exact_gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / 2**0.5))
+
+
+def naive_attention(q, k, v, attention, heads, joint=True, split=None, act=F.relu):
     """Per-head loops; ``joint=False``: separate softmaxes over keys[:split] and keys[split:]."""
     B, Q, _ = q.shape
     d, dv = q.shape[-1] // heads, v.shape[-1] // heads
-    out = torch.zeros(B, Q, v.shape[-1])
+    out = v.new_zeros(B, Q, v.shape[-1])
     for b in range(B):
         for h in range(heads):
             qh, kh = q[b, :, h * d : (h + 1) * d], k[b, :, h * d : (h + 1) * d]
@@ -57,13 +62,13 @@ def naive_attention(q, k, v, attention, heads, joint=True, split=None):
                     [logits[:, :split].softmax(-1), logits[:, split:].softmax(-1)], 1
                 )
             out[b, :, h * dv : (h + 1) * dv] = weights @ vh
-    return F.relu(bn_eval(out, attention.values_bn))
+    return act(bn_eval(out, attention.values_bn))
 
 
-def naive_dual_path(layer, pixels, memory, heads, joint=True):
+def naive_dual_path(layer, pixels, memory, heads, joint=True, act=F.relu):
     kd, _, vd = layer.split
-    m = F.relu(linear_bn(memory, layer.memory_conv1))
-    p = F.relu(linear_bn(F.relu(pixels), layer.pixel_conv1))
+    m = act(linear_bn(memory, layer.memory_conv1))
+    p = act(linear_bn(act(pixels), layer.pixel_conv1))
     mq = linear_bn(m, layer.memory_qkv)
     pq = linear_bn(p, layer.pixel_qkv)
     q_m, k_m, v_m = mq[..., :kd], mq[..., kd : 2 * kd], mq[..., 2 * kd :]
@@ -71,12 +76,12 @@ def naive_dual_path(layer, pixels, memory, heads, joint=True):
     P = pixels.shape[1]
     y_m = naive_attention(
         q_m, torch.cat([k_p, k_m], 1), torch.cat([v_p, v_m], 1), layer.memory_attention, heads,
-        joint=joint, split=P,
+        joint=joint, split=P, act=act,
     )  # fmt: skip
-    mem = F.relu(memory + linear_bn(y_m, layer.memory_conv3))
-    ffn = linear_bn(F.relu(linear_bn(mem, layer.memory_ffn1)), layer.memory_ffn2)
-    mem = F.relu(mem + ffn)
-    y_p = naive_attention(q_p, k_m, v_m, layer.pixel_attention, heads)
+    mem = act(memory + linear_bn(y_m, layer.memory_conv3))
+    ffn = linear_bn(act(linear_bn(mem, layer.memory_ffn1)), layer.memory_ffn2)
+    mem = act(mem + ffn)
+    y_p = naive_attention(q_p, k_m, v_m, layer.pixel_attention, heads, act=act)
     return pixels + linear_bn(y_p, layer.pixel_conv3), mem
 
 
@@ -94,6 +99,27 @@ def test_global_dual_path_matches_naive_single_softmax():
     # Two separate softmaxes (pixels, memory) summed is a different model.
     assert (got_m - split_m).abs().max() > 1e-2
     torch.testing.assert_close(got_p, split_p, rtol=1e-5, atol=1e-5)  # V2M has one key set only
+
+
+def test_gelu_layer_matches_naive_with_exact_gelu_everywhere():
+    """activation="gelu": every ReLU, memory path included, becomes the exact (erf) GeLU, as in
+    deeplab2's layer; float64, so the tanh approximation would be far outside the tolerance."""
+    torch.manual_seed(0)
+    relu = GlobalDualPath(10, **SMALL).double().eval()
+    randomize_batch_norms(relu)
+    gelu = GlobalDualPath(10, **SMALL, activation="gelu").double().eval()
+    gelu.load_state_dict(relu.state_dict())  # same keys and shapes
+    pixels, memory = torch.randn(2, 15, 10).double(), torch.randn(2, 5, 12).double()
+    tanh = functools.partial(F.gelu, approximate="tanh")
+    with torch.no_grad():
+        got, from_relu = gelu(pixels, memory), relu(pixels, memory)
+        want = naive_dual_path(gelu, pixels, memory, heads=2, act=exact_gelu)
+        approximated = naive_dual_path(gelu, pixels, memory, heads=2, act=tanh)
+    for g, w, a, r in zip(got, want, approximated, from_relu):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+        assert (g - a).abs().max() > 1e-6 and (g - r).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="activation must be one of"):
+        GlobalDualPath(10, **SMALL, activation="silu")
 
 
 def test_pixel_update_ignores_this_layers_memory_update():

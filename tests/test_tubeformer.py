@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minivseg import config, tasks
 from minivseg.clustering import ClusteringBlock, ClusteringUpdate
 from minivseg.panoptic import STUFF_CLASSES
 from minivseg.tubeformer import TubeFormerConfig, build_model
@@ -196,6 +197,35 @@ def test_build_model_rejects_unknown_names():
     assert build_model("tiny", num_slots=20).cfg == TubeFormerConfig(
         **{**build_model("tiny").cfg.__dict__, "num_slots": 20}
     )
+
+
+@pytest.mark.parametrize("memory_update", ["dual_path", "clustering"])
+def test_gelu_activation_same_parameters_other_outputs_and_flag(memory_update):
+    """Exact GeLU wherever deeplab2's AxialResNet passes ``activation`` (backbone, global and
+    latent layers, decoder, class/mask FFNs); the pixel head keeps ReLU. Default "relu", exact."""
+    models = []
+    for kwargs in ({}, {"activation": "relu"}, {"activation": "gelu"}):
+        torch.manual_seed(0)
+        models.append(build_model("tiny", memory_update=memory_update, **kwargs).eval())
+    default, relu, gelu = models
+    randomize_batch_norms(default)
+    relu.load_state_dict(default.state_dict())
+    gelu.load_state_dict(default.state_dict())  # strict: the same keys and shapes
+    assert repr(default) == repr(relu) and count(gelu) == count(default)
+    assert {m.act for m in gelu.modules() if hasattr(m, "act")} == {F.gelu}
+    assert {m.act for m in default.modules() if hasattr(m, "act")} == {F.relu}
+    assert isinstance(gelu.pixel_head.pointwise_relu, nn.ReLU)
+    x = torch.rand(1, 2, 3, 33, 49) * 255
+    with torch.no_grad():
+        out, out_relu, out_gelu = (m(x) for m in models)
+    for key in ("class_logits", "mask_logits", "semantic_logits"):
+        assert torch.equal(out[key], out_relu[key])
+        assert (out[key] - out_gelu[key]).abs().max() > 1e-3
+    flags = ["--preset=demo", "--model.activation=gelu", f"--model.memory_update={memory_update}"]
+    model, _ = tasks.build_task(config.parse_args(flags))
+    assert model.cfg.activation == "gelu" and model.backbone.stage2[0].act is F.gelu
+    with pytest.raises(ValueError, match="activation must be one of"):
+        tasks.build_task(config.parse_args(["--model.activation=swish"]))
 
 
 def test_latent_and_global_switches():
