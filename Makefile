@@ -53,7 +53,7 @@ format: $(STAMP)  ## apply ruff formatting
 	$(VENV)/bin/ruff format minivseg tests lessons
 
 data-samples: $(STAMP)  ## regenerate data_samples/ with the synthetic generator
-	rm -rf data_samples/images data_samples/panoptic_maps
+	rm -rf data_samples/images data_samples/panoptic_maps data_samples/depth
 	$(PY) -m minivseg.synthetic --out data_samples --train-seqs 2 --val-seqs 1 --frames 8 --seed 0
 
 bench: $(STAMP)  ## benchmarks: metrics vs reference, sparse vs dense temporal attention

@@ -74,8 +74,10 @@ from minivseg.panoptic import (
     VIDEO_LABEL_DIVISOR,
     VOID_ID,
     frame_order,
+    read_depth_png,
     read_kitti_step_png,
     relabel,
+    write_depth_png,
     write_kitti_step_png,
 )
 from minivseg.tasks import load_model, predict_frames, task_classes
@@ -99,22 +101,28 @@ class PredictionWriter:
 
     def __init__(self, out_dir, split, sequence, image_paths, gif=True):
         self.png_dir = Path(out_dir) / "panoptic_maps" / split / sequence
+        self.depth_dir = Path(out_dir) / "depth" / split / sequence  # DVPS: 16-bit depth x 256
         self.gif_path = Path(out_dir) / "overlays" / f"{sequence}.gif" if gif else None
         self.paths = list(image_paths)
         picked = np.linspace(0, len(self.paths) - 1, min(GIF_FRAMES, len(self.paths)))
         self.gif_frames, self.pictures = set(np.round(picked).astype(int).tolist()), []
 
-    def add(self, t: int, panoptic: np.ndarray) -> None:
+    def add(self, t: int, panoptic: np.ndarray, depth: np.ndarray | None = None) -> None:
         write_kitti_step_png(self.png_dir / f"{self.paths[t].stem}.png", panoptic,
                              VIDEO_LABEL_DIVISOR)  # fmt: skip
+        if depth is not None:
+            write_depth_png(self.depth_dir / f"{self.paths[t].stem}.png", depth)
         if self.gif_path is not None and t in self.gif_frames:
             from PIL import Image
 
-            from minivseg.visualize import overlay
+            from minivseg.visualize import depth_picture, overlay
 
             picture = overlay(
                 read_image(self.paths[t]), panoptic, label_divisor=VIDEO_LABEL_DIVISOR
             )
+            if depth is not None:  # the depth colour map beside the panoptic overlay
+                gap = np.full((picture.shape[0], 4, 3), 255, np.uint8)
+                picture = np.concatenate([picture, gap, depth_picture(depth)], axis=1)
             height, width = picture.shape[:2]
             if width > GIF_WIDTH:
                 size = (GIF_WIDTH, max(1, round(height * GIF_WIDTH / width)))
@@ -134,6 +142,8 @@ def evaluate_model(
 ) -> dict:  # fmt: skip
     """Predict every sequence of a split, stream it into the metrics (and PNGs/GIFs) frame by
     frame. Returns the metrics (empty without labels)."""
+    from minivseg.depth_metrics import DepthMetrics
+    from minivseg.dstq import DSTQ
     from minivseg.metrics import STQ, VPQ, Flicker, MeanIoU
     from minivseg.video_ap import VideoAP
 
@@ -147,6 +157,9 @@ def evaluate_model(
     modes = {"tubeformer": ("pixel", "mask"), "vistr": ("vistr",)}.get(cfg.task, ())
     video_ap = {mode: VideoAP(*classes) for mode in modes} if labels else {}
     known = max(num_classes, NUM_CLASSES)  # dataset classes; the model's K and above are void
+    has_depth = getattr(getattr(model, "cfg", None), "depth", False)
+    scored_depth = labels and has_depth and (root / "depth" / split).is_dir()
+    dstq, depth_metrics = DSTQ(*classes), DepthMetrics()  # DVPS: used when scored_depth
     model.eval().to(device)
     for number, sequence in enumerate(names):
         paths = [root / "images" / split / sequence / f"{n}.png" for n in sequences[sequence]]
@@ -182,8 +195,12 @@ def evaluate_model(
                 previous = (semantic, pred["semantic"])
                 for mode, metric in video_ap.items():
                     metric.update_frame(gt, pred["mask" if mode == "mask" else "panoptic"])
+                if scored_depth:
+                    gt_depth = read_depth_png(root / "depth" / split / sequence / label_path.name)
+                    dstq.update(gt, pred["panoptic"], gt_depth, pred["depth"], sequence)
+                    depth_metrics.update(gt_depth, pred["depth"])
             if writer is not None:
-                writer.add(t, pred["panoptic"])
+                writer.add(t, pred["panoptic"], pred.get("depth"))
             bar.update()
         bar.close()
         for mode, metric in video_ap.items():
@@ -201,6 +218,10 @@ def evaluate_model(
         results.update({k: v for k, v in vpq.result().items() if k.startswith("VPQ")})
     for name, metric in video_ap.items():
         results.update({f"{name}_{k}": v for k, v in metric.result().items()})
+    if scored_depth:  # DVPS: DSTQ and the depth errors
+        results.update({k: v for k, v in dstq.result().items() if k.startswith(("DSTQ", "DQ"))})
+        depth_errors = depth_metrics.result().items()
+        results.update({f"depth_{k}": v for k, v in depth_errors if k != "num_frames"})
     return {k: float(v) for k, v in results.items() if np.isscalar(v)}
 
 
@@ -230,7 +251,7 @@ def predict_folder(model, cfg: TrainConfig, folder: Path, out: Path, device, thr
     writer = PredictionWriter(out, "frames", folder.name, paths)
     stream = predict_frames(model, cfg, frames, len(paths), fill_void, thresholds)
     for t, pred in enumerate(tqdm(stream, total=len(paths), unit="frame", disable=None)):
-        writer.add(t, pred["panoptic"])
+        writer.add(t, pred["panoptic"], pred.get("depth"))
     writer.close()
     print(f"predictions and overlay GIF for {len(paths)} frames in {out}")
 

@@ -1,4 +1,4 @@
-"""Panoptic ids, the KITTI-STEP class table and PNG codec, and colours for panoptic maps.
+"""Panoptic ids, the KITTI-STEP class table, the panoptic and depth PNG codecs, and colours.
 
 A panoptic id packs a pixel's class and its instance (track) into one integer (DeepLab2 paper §2,
 "Image Panoptic Segmentation"; KITTI-STEP; no numbered equation):
@@ -19,6 +19,11 @@ that are all numbers in numeric order (``2.png`` before ``10.png``) and anything
 zero-padded names (``000010.png``, as KITTI-STEP ships them) are safest, since other tools sort
 as text (`unpadded_names` finds the rest).
 
+Depth labels (DVPS: ViP-DeepLab, Qiao et al. 2021; deeplab2 ``data/build_dvps_data.py``) are
+16-bit grayscale PNGs of ``round(depth * DEPTH_SCALE)`` with depth in metres, ``DEPTH_SCALE = 256``
+(KITTI's depth-map convention), and 0 = no depth; `read_depth_png` and `write_depth_png` are that
+codec. ``MAX_DEPTH = 80`` m is KITTI's evaluation cap and the model's output range.
+
 Ground truth and clips use ``LABEL_DIVISOR = 1000``. Stitched videos use
 ``VIDEO_LABEL_DIVISOR = 65536``: a long sequence can need more than 999 track ids per class, and a
 PNG holds instance ids up to 65535. Every function here takes a ``label_divisor``.
@@ -37,6 +42,8 @@ LABEL_DIVISOR = 1000
 IGNORE_LABEL = 255
 VOID_ID = IGNORE_LABEL * LABEL_DIVISOR  # panoptic id of a void pixel
 VIDEO_LABEL_DIVISOR = 1 << 16  # stitched videos: track ids 1..65535, the most a PNG holds
+DEPTH_SCALE = 256.0  # depth PNG value = metres * 256 (KITTI, DVPS); 0 = no depth
+MAX_DEPTH = 80.0  # metres: KITTI's depth cap; the depth head predicts (0, MAX_DEPTH)
 
 # The 19 KITTI-STEP classes (Cityscapes train ids) and their Cityscapes colours.
 CLASS_NAMES = (
@@ -151,6 +158,42 @@ def write_kitti_step_png(path, panoptic: np.ndarray, label_divisor: int = LABEL_
     rgb = np.stack([semantic, instance // 256, instance % 256], axis=-1).astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb, mode="RGB").save(path)
+
+
+def read_depth_png(path) -> np.ndarray:
+    """Read a depth PNG (16-bit grayscale, metres * 256) into ``(H, W)`` float32 metres, 0 = none.
+
+    Raises ``ValueError`` naming the file when it is unreadable or not a 16-bit grayscale PNG
+    (an 8-bit PNG cannot hold depth * 256).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("I;16", "I;16B", "I;16L", "I"):
+                raise ValueError(f"expected a 16-bit grayscale depth PNG, got mode {image.mode!r}")
+            values = np.asarray(image, dtype=np.int64)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read depth map: {error}") from error
+    if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+        raise ValueError(f"{path}: depth values outside 0..65535 (16 bits of metres * 256)")
+    return (values / DEPTH_SCALE).astype(np.float32)
+
+
+def write_depth_png(path, depth: np.ndarray) -> None:
+    """Write ``(H, W)`` depth in metres as a 16-bit PNG of ``round(depth * 256)``.
+
+    0 stays 0 (no depth) and a positive depth stays positive (at least 1/256 m); depths beyond
+    65535 / 256 = 256 m are clipped. Negative or non-finite depths raise ``ValueError``.
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    if depth.ndim != 2:
+        raise ValueError(f"{path}: depth map must be 2-D, got shape {depth.shape}")
+    if not np.isfinite(depth).all() or depth.min(initial=0) < 0:
+        raise ValueError(f"{path}: depth must be finite and >= 0 (0 = no depth)")
+    values = np.clip(np.round(depth * DEPTH_SCALE), 1, 65535)
+    values = np.where(depth > 0, values, 0).astype(np.uint16)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(values).save(path)  # uint16 -> mode I;16, a 16-bit grayscale PNG
 
 
 def track_color(semantic: int, instance: int) -> tuple[int, int, int]:

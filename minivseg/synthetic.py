@@ -41,18 +41,32 @@ road, sidewalk, building, pole, traffic sign, vegetation, terrain, sky, person a
 - Label PNGs are encoded as that deeplab2 script writes them: R = class, G*256+B = instance
   (`minivseg.panoptic.write_kitti_step_png`).
 
+**Depth** (for DVPS, ViP-DeepLab; TubeFormer-DeepLab §2 "DVPS"): every pixel's metric depth is
+the camera-space ``z`` of the nearest surface it sees (the distance along the optical axis, as in
+KITTI's depth maps), exact and dense. It is 0 = no depth for the sky and for surfaces beyond
+``MAX_DEPTH`` = 80 m (distant facades, the road near the horizon), not clipped to 80 m: KITTI
+depth evaluations leave ground truth beyond 80 m out (the 80 m cap of the Eigen-split protocol),
+deeplab2's DVPS data and metrics read 0 as "no depth" (``ignore_depth = 0``, valid pixels are
+``depth > 0``), and a clipped 80 would teach a wrong depth. Where a thing covers the ground or a
+facade, the thing's depth is written. Depth is stored as DVPS does: 16-bit PNG of metres * 256
+(`minivseg.panoptic.write_depth_png`).
+
 Differences from KITTI-STEP: rendered, not photographed; 10 of the 19 classes occur; things are
 drawn only up to ``Z_FAR`` = 30 m away, so a car is about 15 px tall or more at 128 px height.
+Differences from SemKITTI-DVPS's depth: dense and noiseless, where that is one LiDAR scan
+projected into the image (sparse); people are flat sprites, so their depth is one ``z`` each.
 
 **Use**::
 
     python -m minivseg.synthetic --out data/synthetic --train-seqs 8 --val-seqs 2 --frames 50 \
         --seed 0 [--height 128 --width 416]
 
-writes ``images/SPLIT/SSSS/FFFFFF.png`` (RGB) and ``panoptic_maps/SPLIT/SSSS/FFFFFF.png``.
+writes ``images/SPLIT/SSSS/FFFFFF.png`` (RGB), ``panoptic_maps/SPLIT/SSSS/FFFFFF.png`` and
+``depth/SPLIT/SSSS/FFFFFF.png`` (``--no-depth``: no depth folder).
 Sequence ids run on across splits: train ``0000..N-1``, val ``N..N+M-1``. The command prints one
-line per sequence and a summary with the class pixel shares. In Python, `generate_sequence`
-renders one video (the same arguments give the same bytes) and `write_dataset` writes a dataset
+line per sequence and a summary with the class pixel shares and the share of pixels with depth.
+In Python, `generate_sequence` renders one video (the same arguments give the same bytes;
+``depth=True`` adds its depth maps) and `write_dataset` writes a dataset
 (sequence ``i`` uses ``sequence_seed(seed, i)``). Generation speed, dataset size, class shares
 and track statistics are measured at the end of ``lessons/00_tubes_and_data.py``.
 """
@@ -67,7 +81,15 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from minivseg.panoptic import CLASS_NAMES, LABEL_DIVISOR, NUM_CLASSES, VOID_ID, write_kitti_step_png
+from minivseg.panoptic import (
+    CLASS_NAMES,
+    LABEL_DIVISOR,
+    MAX_DEPTH,
+    NUM_CLASSES,
+    VOID_ID,
+    write_depth_png,
+    write_kitti_step_png,
+)
 from minivseg.synthetic_render import (
     BIN,
     BUILDING,
@@ -193,9 +215,15 @@ def plan_things(rng, street: dict, num_frames: int, ego_speed: float) -> list[Th
     return things
 
 
-def generate_sequence(seed: int, num_frames: int, height: int = 128, width: int = 416):
+def generate_sequence(seed: int, num_frames: int, height: int = 128, width: int = 416,
+                      depth: bool = False):  # fmt: skip
     """One street-scene video. Returns ``frames (F, H, W, 3)`` uint8 and ``panoptic (F, H, W)``
-    int64 ids ``semantic * 1000 + track``; the same arguments give the same bytes."""
+    int64 ids ``semantic * 1000 + track``; the same arguments give the same bytes.
+
+    ``depth=True`` also returns ``depth (F, H, W)`` float32 metres: the camera-space z of the
+    nearest surface in each pixel (KITTI's depth-map convention), 0 = no depth for the sky and
+    for surfaces beyond ``MAX_DEPTH``. Frames and panoptic maps are the same either way.
+    """
     rng = np.random.default_rng(seed)
     ego_speed = rng.uniform(0.15, 0.6)  # metres per frame (KITTI records 10 frames/s)
     street = plan_street(rng, ego_speed * num_frames + Z_FAR)
@@ -206,20 +234,22 @@ def generate_sequence(seed: int, num_frames: int, height: int = 128, width: int 
     radius = max(1, round(7 * height / 375))  # KITTI-STEP's 15x15 kernel, scaled
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     panoptic = np.empty((num_frames, height, width), np.int64)
+    depths = np.empty((num_frames, height, width), np.float32)
     for t in range(num_frames):
         cx = width / 2 + sway[0] * np.sin(2 * np.pi * t / sway[1] + sway[2])  # the camera yaws
         camera = (cx, HORIZON * height, ego_speed * t, FOCAL * height)
-        image, cls = render_background(street, texture, camera, (height, width))
+        image, cls, frame_depth = render_background(street, texture, camera, (height, width))
         label = cls * LABEL_DIVISOR
-        depth = np.array([thing.z + thing.vz * t for thing in things]) - camera[2]
-        for k in np.argsort(-depth, kind="stable"):  # painter's order: far to near
-            if Z_NEAR < depth[k] < Z_FAR:
-                draw_thing(image, label, things[k], t, camera)
+        distance = np.array([thing.z + thing.vz * t for thing in things]) - camera[2]
+        for k in np.argsort(-distance, kind="stable"):  # painter's order: far to near
+            if Z_NEAR < distance[k] < Z_FAR:
+                draw_thing(image, label, things[k], t, camera, frame_depth)
         image *= tint
         image += rng.standard_normal((height, width, 1), dtype=np.float32) * 3  # sensor noise
         frames[t] = np.clip(image, 0, 255, out=image)
         panoptic[t] = void_ring(label, radius)
-    return frames, panoptic
+        depths[t] = np.where(frame_depth <= MAX_DEPTH, frame_depth, 0.0)  # beyond: no depth
+    return (frames, panoptic, depths) if depth else (frames, panoptic)
 
 
 def sequence_seed(seed: int, index: int) -> int:
@@ -228,23 +258,31 @@ def sequence_seed(seed: int, index: int) -> int:
 
 
 def write_dataset(out, train_seqs: int, val_seqs: int, num_frames: int, seed: int = 0,
-                  height: int = 128, width: int = 416) -> dict:  # fmt: skip
-    """Write ``out/{images,panoptic_maps}/SPLIT/SSSS/FFFFFF.png`` (KITTI-STEP layout).
+                  height: int = 128, width: int = 416, depth: bool = True) -> dict:  # fmt: skip
+    """Write ``out/{images,panoptic_maps,depth}/SPLIT/SSSS/FFFFFF.png`` (KITTI-STEP layout, and
+    depth PNGs of metres * 256 as DVPS; ``depth=False`` skips them).
 
     Sequence ids run on across splits (train ``0000..N-1``, val ``N..N+M-1``); sequence ``i`` is
     ``generate_sequence(sequence_seed(seed, i), ...)``. Prints a line per sequence and
-    returns ``frames``, ``seconds`` and ``frames_per_second`` of generation, ``class_share``.
+    returns ``frames``, ``seconds`` and ``frames_per_second`` of generation, ``class_share`` and,
+    with depth, ``depth_share`` (the share of pixels that have a depth).
     """
     out, counts, seconds = Path(out), np.zeros(NUM_CLASSES + 1, np.int64), 0.0
+    with_depth = 0
     for index in range(train_seqs + val_seqs):
         split, start = "train" if index < train_seqs else "val", time.perf_counter()
-        frames, panoptic = generate_sequence(sequence_seed(seed, index), num_frames, height, width)
+        size = (height, width)
+        frames, panoptic, depths = generate_sequence(sequence_seed(seed, index), num_frames, *size,
+                                                     depth=True)  # fmt: skip
         seconds += time.perf_counter() - start
+        with_depth += int(np.count_nonzero(depths))
         for t in range(num_frames):
             name = f"{split}/{index:04d}/{t:06d}.png"
             (out / "images" / name).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(frames[t]).save(out / "images" / name)
             write_kitti_step_png(out / "panoptic_maps" / name, panoptic[t])
+            if depth:
+                write_depth_png(out / "depth" / name, depths[t])
         semantic = np.minimum(panoptic // LABEL_DIVISOR, NUM_CLASSES)  # void counted last
         counts += np.bincount(semantic.ravel(), minlength=NUM_CLASSES + 1)
         tracks = np.unique(panoptic[(panoptic % LABEL_DIVISOR > 0) & (semantic < NUM_CLASSES)])
@@ -252,8 +290,11 @@ def write_dataset(out, train_seqs: int, val_seqs: int, num_frames: int, seed: in
               f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
     names, total = (*CLASS_NAMES, "void"), (train_seqs + val_seqs) * num_frames
     share = {names[c]: float(counts[c] / counts.sum()) for c in np.flatnonzero(counts)}
-    return dict(frames=total, seconds=seconds, frames_per_second=total / max(seconds, 1e-9),
-                class_share=share)  # fmt: skip
+    summary = dict(frames=total, seconds=seconds, frames_per_second=total / max(seconds, 1e-9),
+                   class_share=share)  # fmt: skip
+    if depth:
+        summary["depth_share"] = with_depth / max(int(counts.sum()), 1)
+    return summary
 
 
 def main(argv=None) -> None:
@@ -265,11 +306,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=416)
+    parser.add_argument("--no-depth", action="store_true", help="do not write depth/ PNGs")
     args = parser.parse_args(argv)
     summary = write_dataset(args.out, args.train_seqs, args.val_seqs, args.frames, args.seed,
-                            args.height, args.width)  # fmt: skip
+                            args.height, args.width, depth=not args.no_depth)  # fmt: skip
     rate = summary["frames_per_second"]
     print(f"wrote {summary['frames']} frames to {args.out} ({rate:.0f} frames/s generated)")
+    if "depth_share" in summary:
+        print(f"pixels with depth: {100 * summary['depth_share']:.2f} %")
     print("class pixel shares:")
     for name, share in summary["class_share"].items():
         print(f"  {name:<14}{100 * share:6.2f} %")

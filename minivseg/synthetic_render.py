@@ -7,14 +7,18 @@ the horizon at row ``HORIZON * H``:
 - `render_background` ray-casts every pixel to the ground plane (road with dashed and edge lane
   markings, tiled sidewalks, grass verge), to one of two facade planes (buildings with windows,
   rows of trees) or to the sky. Textures (`noise_texture`, 8 texels per metre) are fixed to the
-  world, so they move with the scene.
+  world, so they move with the scene. The ray's hit also gives the pixel's **depth**: the
+  camera-space ``z`` of the surface (distance along the optical axis, not along the ray: KITTI's
+  depth-map convention), ``f * CAM_HEIGHT / y`` on the ground row ``y`` px below the horizon,
+  ``f * x_facade / x`` on a facade column; 0 for the sky.
 - `draw_thing` paints one upright sprite (a `Thing`, sized in metres) into the frame and its
   label. The ground at depth ``z`` is seen on row ``y_horizon + f * CAM_HEIGHT / z``, so an object
   ``h`` metres tall is ``f * h / z`` px tall; painted far to near (`minivseg.synthetic` sorts
-  them), nearer things are lower, larger and hide farther ones. Cars (and boxes) show a rear or
-  front face and the side face that points towards the camera axis; people scissor their legs
-  when they cross the street; poles may carry a sign plate (disc, square or triangle), labelled
-  traffic sign.
+  them), nearer things are lower, larger and hide farther ones. Given a ``depth`` map, each
+  painted pixel gets its face's ``z`` as well, so the nearest surface's depth is what remains.
+  Cars (and boxes) show a rear or front face and the side face that points towards the camera
+  axis; people scissor their legs when they cross the street; poles may carry a sign plate (disc,
+  square or triangle), labelled traffic sign.
 - `void_ring` applies KITTI-STEP's rule that crowd pixels near a tracked instance of their class
   are void (deeplab2 ``data/utils/create_step_panoptic_maps.py``, a 15x15 kernel).
 
@@ -73,8 +77,9 @@ def noise_texture(rng, size: int = 256) -> np.ndarray:
 def render_background(street: dict, texture: np.ndarray, camera: tuple, shape: tuple):
     """Ray-cast every pixel to the ground, a facade or the sky.
 
-    ``camera = (cx, horizon_row, ego_z, focal)``. Returns ``image (H, W, 3)`` float32 and
-    ``semantic (H, W)`` int64 class ids.
+    ``camera = (cx, horizon_row, ego_z, focal)``. Returns ``image (H, W, 3)`` float32,
+    ``semantic (H, W)`` int64 class ids and ``depth (H, W)`` float32: camera-space z in metres,
+    0 for the sky, not capped (facades reach ``Z_END``).
     """
     (cx, yh, ego, f), (H, W), plan, edges = camera, shape, street["plan"], street["edges"]
     xs = np.arange(W, dtype=np.float32) + 0.5 - cx  # (W,) column offset from the vanishing point
@@ -111,15 +116,17 @@ def render_background(street: dict, texture: np.ndarray, camera: tuple, shape: t
     material = np.where((cls == ROAD) & lines, paint, material)
     tiles = (frac(ground_x / 0.7) < 0.1) | (frac(ground_z / 0.7) < 0.1)[:, None]
     gain = (1 + strength[material] * tex) * np.where((cls == SIDEWALK) & tiles, 0.8, 1.0)
-    return palette[material] * gain[..., None], cls
+    depth = np.where(facade, np.where(sky, 0.0, z_col[None]), z_row[:, None]).astype(np.float32)
+    return palette[material] * gain[..., None], cls, depth
 
 
 def _face(camera, shape, x0, x1, z0, z1, bottom, top):
     """Pixels of an upright world rectangle, heights ``bottom..top``: lateral ``x0..x1`` at depth
     ``z0 == z1`` (facing the camera) or depths ``z0..z1`` at lateral ``x0 == x1`` (a side face).
 
-    Returns ``(box, s, y)``: image slices, ``s (1, w)`` metres along the face from its left or near
-    edge and ``y (h, w)`` metres above the ground; ``None`` when it is off-screen.
+    Returns ``(box, s, y, z)``: image slices, ``s (1, w)`` metres along the face from its left or
+    near edge, ``y (h, w)`` metres above the ground and ``z (1, w)`` the face's camera-space depth
+    in each column; ``None`` when it is off-screen.
     """
     (cx, yh, _, f), (H, W), near = camera, shape, min(z0, z1)
     xa, xb = cx + f * x0 / z0, cx + f * x1 / z1
@@ -136,12 +143,12 @@ def _face(camera, shape, x0, x1, z0, z1, bottom, top):
             z = f * x0 / cols  # (w,) depth where each column's ray meets the side plane
         s = z - z0
     y = CAM_HEIGHT - (np.arange(r0, r1, dtype=np.float32)[:, None] + 0.5 - yh) * z[None] / f
-    return (slice(r0, r1), slice(c0, c1)), s[None], y
+    return (slice(r0, r1), slice(c0, c1)), s[None], y, z[None]
 
 
-def _paint(image, label, face, parts, pan_id):
+def _paint(image, label, face, parts, pan_id, depth=None):
     """Paint ``parts``, a list of ``(mask (h, w), rgb broadcastable to (h, w, 3))``, into a face
-    and write ``pan_id`` under their union."""
+    and write ``pan_id`` (and the face's depth, if ``depth`` is given) under their union."""
     if face is None:
         return
     view, union = image[face[0]], np.zeros(face[2].shape, bool)
@@ -150,10 +157,13 @@ def _paint(image, label, face, parts, pan_id):
         view[mask] = rgb if rgb.ndim == 1 else np.broadcast_to(rgb, mask.shape + (3,))[mask]
         union |= mask
     label[face[0]][union] = pan_id
+    if depth is not None:
+        depth[face[0]][union] = np.broadcast_to(face[3], union.shape)[union]
 
 
-def draw_thing(image, label, thing: Thing, t: int, camera: tuple):
-    """Paint one thing as it is at frame ``t`` into ``image (H, W, 3)`` and ``label (H, W)``."""
+def draw_thing(image, label, thing: Thing, t: int, camera: tuple, depth=None):
+    """Paint one thing as it is at frame ``t`` into ``image (H, W, 3)`` and ``label (H, W)``,
+    and its camera-space depth into ``depth (H, W)`` when given."""
     shape, (w, h, length), rgb, pid = label.shape, thing.size, thing.rgb, thing.pan_id
     x = np.clip(thing.x + thing.vx * t, *thing.extra.get("limits", (-np.inf, np.inf)))
     z = thing.z + thing.vz * t - camera[2]
@@ -174,7 +184,7 @@ def draw_thing(image, label, thing: Thing, t: int, camera: tuple):
                 body = inside & (q > 0.12) & (q < 0.58) | cabin
                 shade = rgb[0] * (0.55 + 0.3 * q[..., None])
                 parts = [(body, shade), (glass, rgb[1]), (tyres, rgb[2])]
-            _paint(image, label, face, parts, pid)
+            _paint(image, label, face, parts, pid, depth)
     face = _face(camera, shape, x - w / 2, x + w / 2, z, z, 0.0, h)
     if face is None:
         return
@@ -201,7 +211,7 @@ def draw_thing(image, label, thing: Thing, t: int, camera: tuple):
     else:  # a pole (shaded like a cylinder) or a box
         solid = (q >= 0) & (q <= 1) & (np.abs(u) <= 0.5)
         parts = [(solid, rgb[0] * (1.15 - 1.2 * u**2)[..., None])]
-    _paint(image, label, face, parts, pid)
+    _paint(image, label, face, parts, pid, depth)
     if "shape" in thing.extra:  # a traffic sign plate on top of the pole: disc, square, triangle
         face = _face(camera, shape, x - 0.38, x + 0.38, z - 0.05, z - 0.05, h - 0.8, h)
         if face is not None:
@@ -210,7 +220,7 @@ def draw_thing(image, label, thing: Thing, t: int, camera: tuple):
                  np.maximum(-v, np.abs(u) / 0.55 + v)][thing.extra["shape"]]  # fmt: skip
             sign_rgb = thing.extra["rgb"]
             parts = [(r < 0.5, sign_rgb), (r < 0.36, (sign_rgb + 470) / 3)]
-            _paint(image, label, face, parts, SIGN * LABEL_DIVISOR)
+            _paint(image, label, face, parts, SIGN * LABEL_DIVISOR, depth)
 
 
 def void_ring(panoptic: np.ndarray, radius: int) -> np.ndarray:

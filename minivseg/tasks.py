@@ -78,6 +78,10 @@ def build_task(cfg: TrainConfig):
                              "deep supervision: keep --loss.deep_supervision")  # fmt: skip
         criterion = TubeLoss(model.cfg.num_classes, model.cfg.thing_classes,
                              num_slots=model.cfg.num_slots, config=loss_cfg)  # fmt: skip
+        if model.cfg.depth:  # DVPS: + depth loss x 100 (TubeFormer §3.2) on pixels with depth
+            from minivseg.depth import DepthAwareLoss
+
+            criterion = DepthAwareLoss(criterion, cfg.depth_loss_weight, model.cfg.max_depth)
         return model, criterion
     if cfg.task == "stt":
         from minivseg.stt_segmenter import STTConfig, build_stt
@@ -126,8 +130,9 @@ def tubeformer_frames(model, frames, num_frames, clip_length, thresholds=None, f
     """Stream TubeFormer predictions: yields one dict per frame, in order, as frames are final.
 
     ``panoptic`` (H, W) video ids of per-pixel inference; ``semantic`` (H, W) class ids (no
-    thresholds, for mIoU); with ``masks``, ``mask`` (H, W) video ids of per-mask inference. A
-    frame's labels come from the newest clip that covers it, like its track id. ``scores``: a
+    thresholds, for mIoU); with ``masks``, ``mask`` (H, W) video ids of per-mask inference; with
+    a depth branch, ``depth`` (H, W) metres. A frame's labels (and depth) come from the newest
+    clip that covers it, like its track id. ``scores``: a
     dict that receives {mode: {track id: score}} once the stream is exhausted (video AP).
     """
     from minivseg.inference import class_predictions, clip_inference
@@ -137,15 +142,17 @@ def tubeformer_frames(model, frames, num_frames, clip_length, thresholds=None, f
     modes = ("pixel", "mask") if masks else ("pixel",)
     stitchers = {m: VideoStitcher(clip_length, 1, thing_classes, num_frames=num_frames)
                  for m in modes}  # fmt: skip
-    semantic = {}  # frame -> class map of the newest clip covering it
+    semantic, depth = {}, {}  # frame -> class map / depth of the newest clip covering it
 
     def final(done):
         for i, (t, pan) in enumerate(done["pixel"]):
             sem = semantic.pop(t)
             if fill_void:  # a void prediction is always an error for STQ: give it a class
                 pan = np.where(pan == VIDEO_VOID, sem * VIDEO_LABEL_DIVISOR, pan)
-            yield {"panoptic": pan, "semantic": sem} | (
-                {"mask": done["mask"][i][1]} if masks else {}
+            yield (
+                {"panoptic": pan, "semantic": sem}
+                | ({"mask": done["mask"][i][1]} if masks else {})
+                | ({"depth": depth.pop(t)} if t in depth else {})
             )
 
     for starts, clips, _ in sliding_clips(frames, num_frames, clip_length):
@@ -160,8 +167,14 @@ def tubeformer_frames(model, frames, num_frames, clip_length, thresholds=None, f
         label, confidence = class_predictions(outputs["class_logits"][0])
         slot_ids = torch.as_tensor(class_ids)[label.cpu()] * LABEL_DIVISOR + 1
         slot_scores = dict(zip((slot_ids + torch.arange(len(label))).tolist(), confidence.tolist()))
-        for t, frame in enumerate(found["semantic"].numpy()[: num_frames - starts[0]]):
-            semantic[starts[0] + t] = frame  # padding frames (past the end) are not kept
+        kept = num_frames - starts[0]  # padding frames (past the end) are not kept
+        for t, frame in enumerate(found["semantic"].numpy()[:kept]):
+            semantic[starts[0] + t] = frame
+        if "depth" in outputs:  # DVPS: metres at stride 4, upsampled like the mask logits
+            from minivseg.depth import upsample_depth
+
+            clip_depth = upsample_depth(outputs["depth"][:1], size)[0, :kept, :height, :width]
+            depth.update(enumerate(clip_depth.float().cpu().numpy(), start=starts[0]))
         yield from final({m: stitchers[m].add(found[m], slot_scores) for m in modes})
     yield from final({m: stitchers[m].finish() for m in modes})
     if scores is not None:

@@ -82,10 +82,9 @@ def compute_loss(model, criterion, batch, cfg: TrainConfig):
         return criterion(model(batch["frames"]), batch)
     from minivseg.tube_loss import temporal_consistency_loss
 
-    clips = [
-        {**batch, "frames": batch["frames"][:, window], "panoptic": batch["panoptic"][:, window]}
-        for window in (slice(0, -1), slice(1, None))
-    ]
+    per_frame = [key for key in ("frames", "panoptic", "depth") if key in batch]
+    clips = [{**batch, **{key: batch[key][:, window] for key in per_frame}}
+             for window in (slice(0, -1), slice(1, None))]  # fmt: skip
     outputs = [model(clip["frames"]) for clip in clips]
     if hasattr(criterion, "losses"):  # the tube loss matches both clips in one host transfer
         results = criterion.losses(list(zip(outputs, clips)))
@@ -226,6 +225,10 @@ def main(cfg: TrainConfig) -> dict:
 
     # --- model, loss ---------------------------------------------------------------------------
     model, criterion = build_task(cfg)
+    if getattr(getattr(model, "cfg", None), "depth", False) and not dataset.has_depth:
+        raise data.DatasetError(f"{cfg.data}: --model.depth needs depth labels in "
+                                f"{cfg.data}/depth/{cfg.train_split} (DVPS layout; the synthetic "
+                                "generator writes them)")  # fmt: skip
     pretrained = load_init(model, cfg.init) if cfg.init else set()
     if cfg.pretrained:
         pretrained |= load_pretrained_backbone(model, cfg.pretrained)

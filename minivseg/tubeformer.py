@@ -13,20 +13,16 @@ TubeFormer-DeepLab §3.2 and Fig. 3, with MaX-DeepLab-S's sizes and heads as dee
 Eq. (1): ``m = softmax_N(x'_v . w)``, the softmax over the N slots of every clip pixel.
 deeplab2: model/encoder/axial_resnet.py (memory, stage5_extra, stacked decoder, class and mask
 FFNs), model/decoder/max_deeplab.py (pixel, mask and class heads, void prior, mask BN),
-model/encoder/axial_resnet_instances.py (the MaX-DeepLab-S configuration and its parameter count,
-which ``build_model("kitti", use_latent=False)`` reproduces). TubeFormer additions (§3.2): the
-latent memory (L slots, copied per frame); the last |C_stuff| global slots reserved for the stuff
-classes ("global memory with split thing and stuff"); the semantic head on x'_v ("shared semantic
-and panoptic prediction"); ``n`` = TubeFormer-DeepLab-Bn (§4.2, §4.4).
+model/encoder/axial_resnet_instances.py (MaX-DeepLab-S, whose parameter count
+``build_model("kitti", use_latent=False)`` reproduces). TubeFormer additions (§3.2): the latent
+memory (L slots, copied per frame); the last |C_stuff| global slots kept for the stuff classes
+("split thing and stuff"); the semantic head on x'_v; `minivseg.depth`; ``n`` = -Bn (§4.2, §4.4).
 ``activation="gelu"`` (exact GeLU) goes wherever deeplab2's AxialResNet passes its ``activation``:
 backbone, dual paths, decoder, class/mask FFNs; the pixel head keeps ReLU (deeplab2's MaX head).
-``memory_update="clustering"`` swaps every global dual-path layer for CMT-DeepLab's clustering
-update (`minivseg.clustering`, §3.3): the slots cluster the clip's pixels into tubes, and each
-layer's assignment logits S, upsampled to stride 4, are its deep-supervision tube logits, paired
-with the class logits of the centres that made that assignment (the layer's input memory), as
-deeplab2's kMaX-DeepLab pairs them (model/kmax_deeplab.py ``_prepare_auxiliary_results``).
-Deep supervision (``aux_heads``, set by the loss option ``deep_supervision``) gives every earlier
-global layer its own memory-side heads, as kMaX-DeepLab does; deeplab2's MaX-DeepLab has none.
+``memory_update="clustering"``: CMT-DeepLab's clustering update (`minivseg.clustering`, §3.3) in
+every global layer; its aux outputs pair as kMaX-DeepLab's ``_prepare_auxiliary_results``.
+Deep supervision (``aux_heads``, the loss's ``deep_supervision``): memory-side heads for every
+earlier global layer, as kMaX-DeepLab (deeplab2's MaX-DeepLab has none).
 Differences from deeplab2: none in the layers. The stage-5 blocks live in the hierarchical blocks
 (``blocks.{i}.pixel_block``), so ``backbone`` is stem + stages 2-4 (``resnet_view()`` gives the
 whole ResNet). The last latent layer skips its memory update, whose output nothing reads.
@@ -56,6 +52,7 @@ from minivseg.backbone import (
     drop_path_rate,
 )
 from minivseg.clustering import ClusteringBlock, ClusteringUpdate, assignment_mask_logits
+from minivseg.depth import DepthBranch
 from minivseg.dual_path import (
     GlobalDualPath,
     HierarchicalBlock,
@@ -63,7 +60,7 @@ from minivseg.dual_path import (
     LinearBN,
     run_checkpointed,
 )
-from minivseg.panoptic import NUM_CLASSES, THING_CLASSES, thing_stuff_class_ids
+from minivseg.panoptic import MAX_DEPTH, NUM_CLASSES, THING_CLASSES, thing_stuff_class_ids
 
 
 @dataclass
@@ -105,23 +102,26 @@ class TubeFormerConfig:
     num_frames: int = 2  # clip length T this preset trains on (forward accepts any T)
     aux_heads: bool = False  # deep supervision: own class/mask heads on every earlier layer
     gradient_checkpointing: bool = False  # recompute axial and dual-path blocks in backward
+    depth: bool = False  # add the depth branch: output "depth" (B, T, h, w) in (0, max_depth)
+    max_depth: float = MAX_DEPTH  # metres: the depth sigmoid's scale
+    depth_channels: int = 256  # ASPP and decoder width C of the depth branch (deeplab2: 256)
 
 
 def tiny_config() -> TubeFormerConfig:
     """CPU size: trains on 129x417 synthetic clips in minutes. 2 stride-16 blocks, N=32, L=4;
-    2,005,201 parameters (2,030,949 with ``memory_update="clustering"``)."""
+    2,005,201 parameters (``memory_update="clustering"``: 2,030,949; ``depth``: +120,462)."""
     return TubeFormerConfig(
         num_blocks=(1, 1, 1, 1), base_width=16, stem_channels=(16, 16, 16), axial_heads=4,
         num_slots=32, memory_channels=64, num_latent=4, latent_channels=64, transformer_heads=4,
         bottleneck_channels=64, key_channels=32, value_channels=64, ffn_channels=128,
         decoder_filters_s8=16, decoder_filters_s4=16, head_channels=64, pixel_head_channels=64,
-        embedding_channels=32,
+        embedding_channels=32, depth_channels=8,
     )  # fmt: skip
 
 
 def kitti_config() -> TubeFormerConfig:
     """TubeFormer-DeepLab-B1 on KITTI-STEP: MaX-DeepLab-S sizes, N=128, L=16, T=2, drop path 0.8;
-    70,772,537 parameters (71,469,889 with ``memory_update="clustering"``)."""
+    70,772,537 parameters (``memory_update="clustering"``: 71,469,889; ``depth``: +15,772,833)."""
     return TubeFormerConfig(drop_path_keep_prob=0.8)
 
 
@@ -264,6 +264,9 @@ class TubeFormer(nn.Module):
             add_memory_heads(nn.Module(), cfg, masks=cfg.memory_update != "clustering")
             for _ in range(num_aux)
         )
+        if cfg.depth:  # built last, so the other weights are the default model's for a seed
+            c = (pixel_channels, channels["res3"], channels["res2"])  # res5, res3, res2
+            self.depth_branch = DepthBranch(c, cfg.depth_channels, cfg.max_depth, cfg.activation)
 
     def resnet_view(self) -> nn.Module:
         """Stem + stages 2-5 as one AxialResNet-shaped module that shares this model's weights.
@@ -309,12 +312,12 @@ class TubeFormer(nn.Module):
 
         ``class_logits (B, N, K+1)`` (order ``thing_stuff_class_ids``, then void),
         ``mask_logits (B, N, T, h, w)``, ``semantic_logits (B, K, T, h, w)`` (dataset order),
-        ``pixel_embedding (B, D, T, h, w)`` (L2-normalised), and ``aux``: empty unless
-        ``aux_heads``, then a list of dicts with ``class_logits`` and ``mask_logits`` from each
-        earlier global layer through its own heads. With ``memory_update="clustering"``, ``aux``
-        holds one dict per clustering layer instead: ``mask_logits`` = its assignment logits S
-        upsampled to (B, N, T, h, w), ``class_logits`` from its input memory; and
-        ``reference_points`` is a list of (B, N, R, 2) per layer (with or without aux heads).
+        ``pixel_embedding (B, D, T, h, w)`` (L2-normalised), ``depth (B, T, h, w)`` (metres in
+        (0, max_depth), with ``depth``), and ``aux``: empty unless ``aux_heads``, then a list of
+        dicts with ``class_logits`` and ``mask_logits`` from each earlier global layer through its
+        own heads. With ``memory_update="clustering"``, ``aux`` holds one dict per clustering
+        layer instead: ``mask_logits`` = its assignment logits S upsampled to (B, N, T, h, w),
+        ``class_logits`` from its input memory; and ``reference_points``, (B, N, R, 2) per layer.
         """
         B, T = frames.shape[:2]
         x = rearrange(frames, "b t c h w -> (b t) c h w") / 127.5 - 1.0  # per-frame backbone
@@ -329,7 +332,7 @@ class TubeFormer(nn.Module):
         memory = self.memory.expand(B, -1, -1)
         latent = self.latent_memory.expand(B, T, -1, -1) if self.cfg.use_latent else None
         memories, states = [memory], []  # the input memory of every block, then the last output
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             if isinstance(block, ClusteringBlock):
                 state = states[-1] if states else None
                 video, memory, latent, state = block(video, memory, latent, state)
@@ -337,6 +340,8 @@ class TubeFormer(nn.Module):
             else:
                 video, memory, latent = block(video, memory, latent)
             memories.append(memory)
+            if index < max(self.cfg.num_blocks[3], 1):  # deeplab2's res5: the end of stage 5
+                res5 = video  # the depth branch's x_v
 
         s16 = rearrange(video, "b t c h w -> (b t) c h w")
         decoded = self.act(self.decoder(s16, res3, res2))  # (B*T, C, h, w) at stride 4
@@ -361,6 +366,8 @@ class TubeFormer(nn.Module):
         final["pixel_embedding"] = embedding  # (B, D, T, h, w)
         final["semantic_logits"] = self.semantic_head(embedding)  # (B, K, T, h, w)
         final["aux"] = aux
+        if self.cfg.depth:  # per frame: (B*T, h, w) metres
+            final["depth"] = self.depth_branch(res5.flatten(0, 1), res3, res2).unflatten(0, (B, T))
         return final
 
 

@@ -10,6 +10,7 @@ over time).
 - `compare`: GT | prediction, side by side; `strip`: a row (or column) of overlays;
 - `save_gif`: a looping GIF written with Pillow;
 - `heatmap`: an attention map (or any map) resized and colour-mapped over the frame;
+- `depth_picture`: a depth map in metres as colours (near bright, far dark, no depth black);
 - `plot_tubes`: a 3-D (x, t, y) plot of every thing tube (`minivseg.panoptic.tube_ids`).
 
 For example, frames 0, 8, 16 and 23 of a synthetic clip as a PNG column::
@@ -109,6 +110,21 @@ def heatmap(frame, values, alpha: float = 0.6, cmap: str = "magma") -> np.ndarra
     values = (values - values.min()) / (span if span > 0 else 1.0)
     colours = matplotlib.colormaps[cmap](values)[..., :3] * 255
     return np.clip(np.rint((1 - alpha) * frame + alpha * colours), 0, 255).astype(np.uint8)
+
+
+def depth_picture(depth, max_depth: float = 80.0, cmap: str = "magma") -> np.ndarray:
+    """(H, W) metres -> (H, W, 3) uint8: near bright, far dark, 0 (no depth) black.
+
+    Inverse depth is coloured (as depth figures usually are), so that the near street, where
+    most of the detail is, gets most of the colour range.
+    """
+    depth = np.asarray(depth, np.float32)
+    inverse = np.where(depth > 0, 1.0 / np.maximum(depth, 1e-3), 0.0)
+    nearest = 1.0 / max(float(depth[depth > 0].min()), 1e-3) if (depth > 0).any() else 1.0
+    values = np.clip((inverse - 1.0 / max_depth) / max(nearest - 1.0 / max_depth, 1e-6), 0, 1)
+    picture = (matplotlib.colormaps[cmap](values)[..., :3] * 255).astype(np.uint8)
+    picture[depth <= 0] = 0
+    return picture
 
 
 def plot_tubes(panoptic, pan_ids=None, stride: int = 4, ax=None, label_divisor=LABEL_DIVISOR):

@@ -35,8 +35,9 @@ def test_bad_flags_raise_clear_errors(argv, message):
 
 
 def test_presets():
-    names = {"demo", "kitti", "stt_demo", "stt_paper", "vistr_demo", "vistr_official"}
+    names = {"demo", "kitti", "stt_demo", "stt_paper", "vistr_demo", "vistr_official", "dvps_demo"}
     assert set(PRESETS) == names
+    assert PRESETS["dvps_demo"]().model_overrides == {"depth": "true"}
     kitti = PRESETS["kitti"]()
     assert kitti.crop_size == (385, 1249) and kitti.batch_size * kitti.accumulate == 16
     assert kitti.model == "kitti" and kitti.clip_length == 2

@@ -5,7 +5,11 @@ and flip are one draw for all T frames, keep frames and labels aligned, replay p
 with void and the image mean; collate and worker seeding; every bad file (missing, corrupt or
 truncated label, size mismatch, bad class id, label without image, empty or missing split) raises
 naming the file; unlabelled splits; the ``--check`` CLI and its unpadded-name warning; numeric
-frame order; 16-bit grayscale frames; `ResumableSampler` order, resume and ranks.
+frame order; 16-bit grayscale frames; `ResumableSampler` order, resume and ranks. Depth
+(``ROOT/depth``): read exactly; a gradient depth map follows the frames through scale, crop and
+flip, with values divided by the scale and padding 0; nearest resampling never mixes two
+objects' depths and keeps unknown as 0; clip-paste pastes depth with the pixels; collate stacks
+it; ``--check`` names a missing, misshapen or 8-bit depth file and prints the depth share.
 """
 
 import numpy as np
@@ -14,7 +18,7 @@ import torch
 from PIL import Image
 
 from minivseg import data as D
-from minivseg.panoptic import LABEL_DIVISOR, VOID_ID, write_kitti_step_png
+from minivseg.panoptic import LABEL_DIVISOR, VOID_ID, write_depth_png, write_kitti_step_png
 
 H, W = 33, 49
 
@@ -40,7 +44,14 @@ def image_of(pan):
     return np.stack([sem % 256, inst * 40 % 256, np.full_like(sem, 7)], axis=-1).astype(np.uint8)
 
 
-def write_toy_dataset(root, splits=(("train", ["0000", "0001"]), ("val", ["0002"])), num_frames=4):
+def depth_of(image):
+    """A depth map that is a function of the image colour (0 = unknown on void), in metres."""
+    image = np.asarray(image, dtype=np.float64)
+    return np.where(image[..., 0] == 255, 0.0, 1 + image[..., 0] / 2 + image[..., 1] / 20)
+
+
+def write_toy_dataset(root, splits=(("train", ["0000", "0001"]), ("val", ["0002"])), num_frames=4,
+                      depth=False):  # fmt: skip
     for split, seqs in splits:
         for k, seq in enumerate(seqs):
             clip = label_clip(num_frames, offset=k)
@@ -49,6 +60,9 @@ def write_toy_dataset(root, splits=(("train", ["0000", "0001"]), ("val", ["0002"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image_of(clip[t])).save(path)
                 write_kitti_step_png(root / "panoptic_maps" / split / seq / f"{t:06d}.png", clip[t])
+                if depth:
+                    write_depth_png(root / "depth" / split / seq / f"{t:06d}.png",
+                                    depth_of(image_of(clip[t])))  # fmt: skip
     return root
 
 
@@ -268,3 +282,119 @@ def test_frame_tensor_raises_no_warning(root):
         warnings.simplefilter("error")
         frame = D.frame_tensor(next((root / "images" / "val" / "0002").glob("*.png")))
     assert frame.shape[0] == 3 and frame.dtype == torch.float32
+
+
+# --- depth ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def depth_root(tmp_path):
+    return write_toy_dataset(tmp_path / "dvps", depth=True)
+
+
+def test_depth_is_read_exactly_and_collated(depth_root, root):
+    ds = D.KittiStepClips(depth_root, "train", clip_length=3)
+    assert ds.has_depth
+    item = ds[2]
+    assert item["depth"].shape == (3, H, W) and item["depth"].dtype == torch.float32
+    expected = depth_of(image_of(label_clip(4)[1]))
+    np.testing.assert_allclose(item["depth"][1].numpy(), expected, atol=1 / 512)
+    assert (item["depth"][1][0:3, 0:3] == 0).all()  # void: unknown depth
+    batch = D.collate_clips([ds[0], ds[1]])
+    assert batch["depth"].shape == (2, 3, H, W)
+    plain = D.KittiStepClips(root, "train", clip_length=3)  # no depth/ folder: no depth key
+    assert not plain.has_depth and "depth" not in plain[0]
+    assert "depth" not in D.collate_clips([plain[0], plain[1]])
+
+
+def write_gradient_dataset(root, height=33, width=49):
+    """One 2-frame sequence: image R = column, G = row; depth = 1 + 0.1 column + 5 row, so every
+    pixel's depth names its source position."""
+    rows, cols = np.mgrid[:height, :width]
+    image = np.stack([cols, rows, np.full_like(cols, 7)], axis=-1).astype(np.uint8)
+    for t in range(2):
+        path = root / "images" / "train" / "0000" / f"{t:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        write_kitti_step_png(root / "panoptic_maps" / "train" / "0000" / f"{t:06d}.png",
+                             np.full((height, width), 2000))  # fmt: skip
+        write_depth_png(
+            root / "depth" / "train" / "0000" / f"{t:06d}.png", 1 + 0.1 * cols + 5 * rows
+        )
+    return root
+
+
+@pytest.mark.parametrize("scale", [0.6, 1.0, 1.7])
+@pytest.mark.parametrize("key", range(3))
+def test_gradient_depth_follows_frames_through_scale_crop_and_flip(tmp_path, scale, key):
+    root = write_gradient_dataset(tmp_path / "gradient")
+    ds = D.KittiStepClips(root, "train", 2, crop_size=(41, 41), scale_range=(scale, scale),
+                          flip=True, seed=key)  # fmt: skip
+    flips = set()
+    for k in range(8):
+        item = ds[k]
+        frames, depth = item["frames"].numpy(), item["depth"].numpy()
+        assert depth.shape == (2, 41, 41)
+        pad = frames[:, 2] == D.IMAGE_PAD_VALUE  # padding (the image's B channel is 7)
+        assert (depth[pad] == 0).all() and (item["panoptic"].numpy()[pad] == VOID_ID).all()
+        z = depth[~pad] * scale - 1  # undo the deeplab2 depth / scale, then decode the position
+        row = np.floor(z / 5 + 1e-3)
+        col = (z - 5 * row) / 0.1
+        np.testing.assert_allclose(col, np.round(col), atol=0.05)  # depths are source values
+        # nearest-neighbour depth comes from the source pixel nearest to the bilinear position
+        assert np.abs(col - frames[:, 0][~pad]).max() <= 0.5 + 0.05
+        assert np.abs(row - frames[:, 1][~pad]).max() <= 0.5 + 0.05
+        assert (~pad).sum() > 300
+        y = np.flatnonzero((~pad[0]).sum(1) > 1)[0]
+        x = np.flatnonzero(~pad[0, y])
+        flips.add(bool(frames[0, 0, y, x[-1]] < frames[0, 0, y, x[0]]))  # columns run backwards
+        assert np.array_equal(depth[0], depth[1])  # one augmentation for the clip
+    assert flips == {False, True}
+
+
+@pytest.mark.parametrize("key", range(6))
+def test_depth_never_mixes_objects_and_unknown_stays_unknown(depth_root, key):
+    ds = D.KittiStepClips(depth_root, "train", 2, crop_size=(41, 41), scale_range=(0.5, 2.0),
+                          flip=True)  # fmt: skip
+    item = ds[key]
+    pan, depth = item["panoptic"].numpy(), item["depth"].numpy()
+    scales = np.linspace(0.5, 2.0, 16)
+    # every depth, times the clip's one scale, is the depth of its own (nearest) label's colour
+    expected = depth_of(image_of(pan))
+    ratio = expected[depth > 0] / depth[depth > 0]
+    assert np.ptp(ratio) < 1e-2 and np.min(np.abs(scales - ratio.mean())) < 1e-2
+    assert (depth[pan == VOID_ID] == 0).all()  # void (unknown) and padding stay 0
+    assert (depth[pan != VOID_ID] > 0).all()
+
+
+def test_clip_paste_pastes_depth_with_the_pixels(depth_root):
+    ds = D.KittiStepClips(depth_root, "train", 2, crop_size=(33, 49), flip=True, clip_paste=1.0)
+    plain = D.KittiStepClips(depth_root, "train", 2, crop_size=(33, 49), flip=True)
+    changed = 0
+    for key in range(8):
+        item = ds[key]
+        frames = item["frames"].permute(0, 2, 3, 1).numpy()
+        np.testing.assert_allclose(item["depth"].numpy(), depth_of(frames), atol=1 / 256)
+        changed += int((item["frames"] != plain[key]["frames"]).any(1).sum())
+    assert changed > 100  # pixels were pasted, and their depth came along
+
+
+def test_check_validates_depth_naming_the_file(depth_root, capsys):
+    D.main(["--check", str(depth_root)])
+    out = capsys.readouterr().out
+    assert "depth: 99.44 % of pixels" in out and "OK" in out  # all but the 3x3 void corner
+    path = depth_root / "depth" / "val" / "0002" / "000001.png"
+    write_depth_png(path, np.ones((H, W + 1)))
+    with pytest.raises(SystemExit, match=r"0002[/\\]000001\.png.*depth size"):
+        D.main(["--check", str(depth_root)])
+    Image.fromarray(np.ones((H, W), np.uint8)).save(path)  # 8-bit: cannot hold depth * 256
+    with pytest.raises(SystemExit, match=r"0002[/\\]000001\.png.*16-bit"):
+        D.main(["--check", str(depth_root)])
+    with pytest.raises(ValueError, match=r"0002[/\\]000001\.png.*16-bit"):
+        D.KittiStepClips(depth_root, "val", 2)
+    path.unlink()
+    with pytest.raises(SystemExit, match=r"0002[/\\]000001\.png: no depth map"):
+        D.main(["--check", str(depth_root)])
+    write_depth_png(depth_root / "depth" / "val" / "0002" / "000009.png", np.ones((H, W)))
+    with pytest.raises(SystemExit, match=r"000009\.png: depth map without an image"):
+        D.main(["--check", str(depth_root), "--splits", "val"])

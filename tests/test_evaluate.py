@@ -273,3 +273,46 @@ def test_frames_of_mixed_sizes_and_a_split_without_labels_are_explained(
     assert "no labels to score" in capsys.readouterr().out
     assert not (tmp_path / "o" / "metrics.json").exists()
     assert list((tmp_path / "o" / "panoptic_maps").rglob("*.png"))
+
+
+def test_dvps_model_trains_with_depth_and_evaluation_scores_and_writes_depth(tmp_path):
+    """dvps_demo: the depth loss enters training (both clips of temporal consistency), and
+    evaluation adds DSTQ and the depth errors, depth PNGs and the depth picture in the GIF."""
+    from minivseg.config import dvps_demo
+    from minivseg.panoptic import read_depth_png
+
+    small = dict(max_steps=2, batch_size=1, num_workers=0, crop_size=(65, 97), checkpoint_every=2,
+                 temporal_consistency=1.0)  # fmt: skip
+    cfg = dataclasses.replace(dvps_demo(), data=str(SAMPLES), out_dir=str(tmp_path / "run"),
+                              device="cpu", **small)  # fmt: skip
+    result = train_module.main(cfg)
+    assert result["a_depth"] > 0 and result["b_depth"] > 0 and result["step"] == 2
+    metrics = E.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--data", str(SAMPLES),
+                      "--split", "val", "--out", str(tmp_path / "eval")])  # fmt: skip
+    for key in ("DSTQ", "DQ", "STQ"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["DSTQ"] == pytest.approx((metrics["STQ"] ** 2 * metrics["DQ"]) ** (1 / 3))
+    assert metrics["depth_abs_rel"] > 0 and metrics["depth_rmse"] > 0
+    sequence = next((SAMPLES / "images" / "val").iterdir()).name
+    frames = sorted((SAMPLES / "images" / "val" / sequence).glob("*.png"))
+    depth = read_depth_png(tmp_path / "eval" / "depth" / "val" / sequence / frames[0].name)
+    gt_depth = read_depth_png(SAMPLES / "depth" / "val" / sequence / frames[0].name)
+    assert depth.shape == gt_depth.shape and 0 < depth.min() and depth.max() < 80
+    from PIL import Image
+
+    with Image.open(tmp_path / "eval" / "overlays" / f"{sequence}.gif") as gif:
+        width, height = gif.size  # overlay | depth side by side: twice the frame's aspect
+        assert width / height > 1.9 * gt_depth.shape[1] / gt_depth.shape[0]
+
+
+def test_a_depth_model_on_data_without_depth_stops_with_one_line(tmp_path):
+    from minivseg.config import dvps_demo
+    from minivseg.data import DatasetError
+    from minivseg.synthetic import write_dataset
+
+    write_dataset(tmp_path / "data", 1, 1, 3, depth=False, height=65, width=97)
+    small = dict(max_steps=1, batch_size=1, num_workers=0, crop_size=(65, 97))
+    cfg = dataclasses.replace(dvps_demo(), data=str(tmp_path / "data"),
+                              out_dir=str(tmp_path / "r"), **small)  # fmt: skip
+    with pytest.raises(DatasetError, match="needs depth labels"):
+        train_module.main(cfg)

@@ -3,7 +3,11 @@
 Shapes and label values; the same seed gives the same bytes; every one of the ten classes, crowd
 and void appear; track ids persist, keep their class and move a few pixels per frame; tracks
 enter and leave; cars are not tiny; projection (nearer is lower, larger and occludes); the void
-ring; the CLI's written layout reads back with the same ids and pixels.
+ring; the CLI's written layout reads back with the same ids and pixels. Depth: the same frames
+and ids with ``depth=True``; 0 exactly on the sky and beyond ``MAX_DEPTH``, positive elsewhere;
+the ground's depth is ``f * CAM_HEIGHT / y``; a thing's pixels are nearer than the background
+they cover and a near thing's nearer than the far thing it hides; the CLI writes the depth PNGs
+(``--no-depth``: none).
 """
 
 import numpy as np
@@ -11,7 +15,15 @@ import pytest
 from PIL import Image
 
 from minivseg import synthetic, synthetic_render
-from minivseg.panoptic import LABEL_DIVISOR, VOID_ID, instance_of, read_kitti_step_png, semantic_of
+from minivseg.panoptic import (
+    LABEL_DIVISOR,
+    MAX_DEPTH,
+    VOID_ID,
+    instance_of,
+    read_depth_png,
+    read_kitti_step_png,
+    semantic_of,
+)
 
 REQUIRED = {"road": 0, "sidewalk": 1, "building": 2, "pole": 5, "traffic sign": 7,
             "vegetation": 8, "terrain": 9, "sky": 10, "person": 11, "car": 13}  # fmt: skip
@@ -169,4 +181,73 @@ def test_written_layout_reads_back_with_the_same_ids(tmp_path, capsys):
                 np.asarray(Image.open(tmp_path / "images" / name)), frames[t]
             )
     assert not (tmp_path / "images" / "val" / "0000").exists()
-    assert len(list(tmp_path.rglob("*.png"))) == 2 * 3 * 3
+    assert len(list(tmp_path.rglob("*.png"))) == 3 * 3 * 3  # images, panoptic maps, depth
+    assert "pixels with depth" in printed
+
+
+def test_written_depth_reads_back_and_no_depth_writes_none(tmp_path):
+    args = "--train-seqs 1 --val-seqs 1 --frames 2 --seed 5 --height 32 --width 104".split()
+    synthetic.main(["--out", str(tmp_path / "a"), *args])
+    for index, split in ((0, "train"), (1, "val")):
+        seed = synthetic.sequence_seed(5, index)
+        _, _, depth = synthetic.generate_sequence(seed, 2, 32, 104, depth=True)
+        for t in range(2):
+            back = read_depth_png(tmp_path / "a" / "depth" / split / f"{index:04d}/{t:06d}.png")
+            assert ((back == 0) == (depth[t] == 0)).all()
+            np.testing.assert_allclose(back, depth[t], atol=1 / 512 + 1e-6)
+    synthetic.main(["--out", str(tmp_path / "b"), "--no-depth", *args])
+    assert not (tmp_path / "b" / "depth").exists()
+    assert len(list((tmp_path / "b").rglob("*.png"))) == 2 * 2 * 2
+
+
+@pytest.mark.parametrize("seed,size", [(0, (128, 416)), (4, (65, 209))])
+def test_depth_is_zero_on_sky_and_beyond_range_and_positive_elsewhere(seed, size):
+    frames, panoptic = synthetic.generate_sequence(seed, 6, *size)
+    frames_d, panoptic_d, depth = synthetic.generate_sequence(seed, 6, *size, depth=True)
+    assert frames_d.tobytes() == frames.tobytes() and panoptic_d.tobytes() == panoptic.tobytes()
+    assert depth.shape == panoptic.shape and depth.dtype == np.float32
+    semantic = semantic_of(panoptic)
+    sky, things = semantic == 10, np.isin(semantic, (5, 7, 11, 13)) | (panoptic == VOID_ID)
+    assert (depth[sky] == 0).all()
+    assert (depth[things] > 0).all()  # poles, signs, people, cars and boxes are all near
+    assert depth.max() <= MAX_DEPTH and (depth[~sky] > 0).mean() > 0.9
+    # Any other 0 is a surface beyond MAX_DEPTH: the ground near the horizon or a far facade.
+    H, f, yh = size[0], synthetic_render.FOCAL * size[0], synthetic_render.HORIZON * size[0]
+    rows = np.broadcast_to(np.arange(H)[None, :, None] + 0.5 - yh, depth.shape)
+    ground = np.isin(semantic, (0, 1, 9))
+    far = ground & (depth == 0)
+    assert far.any()
+    assert (f * synthetic_render.CAM_HEIGHT / rows[far] > MAX_DEPTH).all()
+    assert (np.isin(semantic, (2, 8)) & (depth == 0)).any()  # facades far down the street
+    near = ground & (depth > 0)  # the ground is seen at z = f * CAM_HEIGHT / (row offset)
+    ground_z = f * synthetic_render.CAM_HEIGHT / rows[near]
+    np.testing.assert_allclose(depth[near], ground_z, rtol=1e-5)
+
+
+def test_things_are_nearer_than_what_they_cover_and_near_hides_far():
+    rng = np.random.default_rng(1)
+    H, W = 128, 416
+    street = synthetic.plan_street(rng, 60.0)
+    texture = synthetic_render.noise_texture(rng)
+    camera = (W / 2, synthetic_render.HORIZON * H, 0.0, synthetic_render.FOCAL * H)
+    image, cls, background = synthetic_render.render_background(street, texture, camera, (H, W))
+    rgb = np.float32([(200, 0, 0), (40, 50, 62), (22, 22, 22), (200, 20, 20)])
+    far = synthetic_render.Thing("car", 0.5, 20.0, 13001, (1.8, 1.5, 4.0), rgb)
+    near = synthetic_render.Thing("car", -0.5, 10.0, 13002, (1.8, 1.5, 4.0), rgb)
+    side = synthetic_render.Thing("car", -3.5, 12.0, 13003, (1.8, 1.5, 4.0), rgb)  # side visible
+    label, depth = cls * LABEL_DIVISOR, background.copy()
+    for thing in (far, side, near):  # painter's order, far to near
+        synthetic_render.draw_thing(image, label, thing, 0, camera, depth)
+    drawn = label // LABEL_DIVISOR == 13
+    assert drawn.sum() > 500
+    assert ((depth[drawn] < background[drawn]) | (background[drawn] == 0)).all()
+    np.testing.assert_allclose(depth[label == 13002], 10.0)  # the near car's rear face
+    np.testing.assert_allclose(depth[label == 13001], 20.0)
+    side_depth = depth[label == 13003]  # rear face at 12 m, side face from 12 m to 16 m
+    assert side_depth.min() >= 12.0 - 1e-4 and side_depth.max() <= 16.0 + 1e-4
+    assert side_depth.max() > 13.0
+    # where the near car hides the far one, the depth is the near car's
+    alone = np.zeros((H, W), np.int64)
+    synthetic_render.draw_thing(np.zeros_like(image), alone, far, 0, camera)
+    hidden = (alone == 13001) & (label == 13002)
+    assert hidden.sum() > 50 and (depth[hidden] == 10.0).all()

@@ -465,3 +465,48 @@ def test_aux_heads_are_separate_and_leave_the_final_head_alone(memory_update):
     loss.backward()
     unused = [n for n, p in plain.named_parameters() if p.grad is None]
     assert unused == []
+
+
+def test_depth_branch_reads_res5_the_end_of_stage_5():
+    """x_v of the depth branch: deeplab2's res5, the output of the stage-5 blocks (here 2 of them),
+    activated; not res4, not the stage5_extra output the pixel decoder starts from."""
+    torch.manual_seed(7)
+    model = build_model("tiny", num_blocks=(1, 1, 1, 2), depth=True).eval()
+    randomize_batch_norms(model)  # the blocks are identities at init (gamma-0 BNs)
+    seen = {}
+    hooks = [
+        block.register_forward_hook(lambda m, inp, out, i=i: seen.update({i: out[0]}))
+        for i, block in enumerate(model.blocks)
+    ]
+    hooks.append(
+        model.depth_branch.aspp.register_forward_pre_hook(lambda m, inp: seen.update(x=inp[0]))
+    )
+    with torch.no_grad():
+        out = model(torch.rand(1, 2, 3, 33, 49) * 255)
+    for hook in hooks:
+        hook.remove()
+    assert len(model.blocks) == 3 and out["depth"].shape == (1, 2, 9, 13)
+    torch.testing.assert_close(seen["x"], F.relu(seen[1].flatten(0, 1)), rtol=0, atol=0)
+    assert not torch.equal(seen[1], seen[2])
+
+
+def test_depth_flags_from_the_command_line_checkpointing_and_clustering():
+    flags = ["--preset=demo", "--model.depth=true", "--model.max_depth=50"]
+    model, _ = tasks.build_task(config.parse_args(flags))
+    assert model.cfg.depth and model.depth_branch.max_depth == 50.0
+    model, _ = tasks.build_task(config.parse_args(["--preset=demo"]))
+    assert not model.cfg.depth and not hasattr(model, "depth_branch")
+    x = torch.rand(2, 2, 3, 33, 49) * 255
+    for kwargs in ({"memory_update": "clustering"}, {"activation": "gelu"}):
+        results = []
+        for checkpointing in (False, True):
+            torch.manual_seed(8)
+            model = build_model("tiny", depth=True, gradient_checkpointing=checkpointing, **kwargs)
+            torch.manual_seed(9)  # the same dropout in the ASPP
+            out = model.train()(x)
+            out["depth"].mean().backward()
+            grad = model.depth_branch.aspp.conv[0].conv.weight.grad
+            results.append((out["depth"], grad, model.backbone.stem[0].conv.weight.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert results[0][2].abs().sum() > 0

@@ -138,3 +138,12 @@ def test_stitched_video_ids_draw_like_clip_ids():
     assert tube_ids(video, **options).tolist() == [13 * VIDEO_LABEL_DIVISOR + 4]
     assert tube_ids(ids).tolist() == [13004]
     assert (is_crowd(video, label_divisor=VIDEO_LABEL_DIVISOR) == is_crowd(ids)).all()
+
+
+def test_depth_picture_colours_near_bright_far_dark_and_no_depth_black():
+    depth = np.array([[0.0, 2.0, 10.0, 80.0]], np.float32)
+    picture = visualize.depth_picture(depth)
+    assert picture.shape == (1, 4, 3) and picture.dtype == np.uint8
+    assert picture[0, 0].tolist() == [0, 0, 0]  # no depth
+    brightness = picture[0, 1:].astype(int).sum(-1)
+    assert brightness[0] > brightness[1] > brightness[2]  # nearer is brighter
