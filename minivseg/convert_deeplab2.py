@@ -310,7 +310,7 @@ def main(argv=None) -> int:
         model = build_target(args.model, args.activation)
     try:
         state, report = convert(args.checkpoint, model, args.model == "backbone")
-    except (ConversionError, ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # ConversionError and CheckpointFormatError too
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(summary(report, model))

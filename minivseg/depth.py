@@ -108,7 +108,7 @@ class DepthBranch(nn.Module):
         self,
         in_channels: tuple[int, int, int],
         channels: int = 256,
-        max_depth: float = 80.0,
+        max_depth: float = MAX_DEPTH,
         activation: str = "relu",
     ):
         super().__init__()

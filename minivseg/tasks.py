@@ -135,6 +135,7 @@ def tubeformer_frames(model, frames, num_frames, clip_length, thresholds=None, f
     clip that covers it, like its track id. ``scores``: a
     dict that receives {mode: {track id: score}} once the stream is exhausted (video AP).
     """
+    from minivseg.depth import upsample_depth
     from minivseg.inference import class_predictions, clip_inference
 
     class_ids, thing_classes = model.thing_stuff_class_ids, tuple(model.cfg.thing_classes)
@@ -171,8 +172,6 @@ def tubeformer_frames(model, frames, num_frames, clip_length, thresholds=None, f
         for t, frame in enumerate(found["semantic"].numpy()[:kept]):
             semantic[starts[0] + t] = frame
         if "depth" in outputs:  # DVPS: metres at stride 4, upsampled like the mask logits
-            from minivseg.depth import upsample_depth
-
             clip_depth = upsample_depth(outputs["depth"][:1], size)[0, :kept, :height, :width]
             depth.update(enumerate(clip_depth.float().cpu().numpy(), start=starts[0]))
         yield from final({m: stitchers[m].add(found[m], slot_scores) for m in modes})
