@@ -6,14 +6,16 @@ LAB    := $(VENV)/.notebooks
 DATA   ?=
 NGPUS  ?= 1
 SYNTH  := data/synthetic
+VSPW   := data/synthetic_vspw
+YTVIS  := data/synthetic_ytvis
 ARGS   ?=
 INIT   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test lessons notebooks lab lint format data-samples bench train-kitti clean
+.PHONY: help demo demo-vspw demo-youtube-vis train-vspw train-youtube-vis test lessons notebooks lab lint format data-samples bench train-kitti clean
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +30,20 @@ demo: $(STAMP)  ## synthetic data -> train the tiny TubeFormer on CPU -> STQ/VPQ
 	$(PY) -m minivseg.evaluate --checkpoint runs/demo/last.pt --data $(SYNTH) --split val \
 		--out runs/demo/eval
 	@echo "overlay GIFs: runs/demo/eval/overlays/  loss curve: runs/demo/loss_curve.png"
+
+demo-vspw: $(STAMP)  ## video semantic segmentation: the synthetic video in VSPW's layout -> mIoU, mVC8, mVC16
+	@test -f $(VSPW)/val.txt || $(PY) -m minivseg.synthetic --format vspw --out $(VSPW) \
+		--train-seqs 16 --val-seqs 2 --frames 30 --seed 0
+	$(PY) -m minivseg.train --preset=vspw_demo --data=$(VSPW) --overwrite $(ARGS)
+	$(PY) -m minivseg.evaluate --checkpoint runs/vspw_demo/last.pt --data $(VSPW) --split val \
+		--out runs/vspw_demo/eval
+
+demo-youtube-vis: $(STAMP)  ## video instances: the synthetic video in YouTube-VIS's layout, T=5 -> AP, results.json
+	@test -f $(YTVIS)/valid/instances.json || $(PY) -m minivseg.synthetic --format youtube-vis \
+		--out $(YTVIS) --train-seqs 16 --val-seqs 2 --frames 30 --seed 0
+	$(PY) -m minivseg.train --preset=youtube_vis_demo --data=$(YTVIS) --overwrite $(ARGS)
+	$(PY) -m minivseg.evaluate --checkpoint runs/youtube_vis_demo/last.pt --data $(YTVIS) \
+		--split valid --out runs/youtube_vis_demo/eval
 
 test: $(STAMP)  ## run the whole test suite (unit tests, lessons as notebooks, training smoke runs)
 	$(PY) -m pytest
@@ -64,6 +80,18 @@ train-kitti: $(STAMP)  ## full TubeFormer-DeepLab-B1 on KITTI-STEP: make train-k
 	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/kitti-step (see README: KITTI-STEP)"; exit 2; }
 	$(PY) -m minivseg.data --check $(DATA) --splits train val
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) -m minivseg.train --preset=kitti --data=$(DATA) \
+		$(if $(INIT),--init=$(INIT)) $(ARGS)
+
+train-vspw: $(STAMP)  ## TubeFormer on VSPW_480p (VSS): make train-vspw DATA=/path/VSPW_480p [NGPUS=k] [INIT=file.pt]
+	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/VSPW_480p (see README: VSPW)"; exit 2; }
+	$(PY) -m minivseg.vspw --check $(DATA) --splits train val
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) -m minivseg.train --preset=vspw --data=$(DATA) \
+		$(if $(INIT),--init=$(INIT)) $(ARGS)
+
+train-youtube-vis: $(STAMP)  ## TubeFormer on YouTube-VIS, T=5: make train-youtube-vis DATA=/path/ytvis_2021 [NGPUS=k] [INIT=file.pt]
+	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/ytvis_2019 or ytvis_2021 (see README: YouTube-VIS)"; exit 2; }
+	$(PY) -m minivseg.youtube_vis --check $(DATA) --splits train
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) -m minivseg.train --preset=youtube_vis --data=$(DATA) \
 		$(if $(INIT),--init=$(INIT)) $(ARGS)
 
 clean:  ## remove generated data, runs and notebooks (keeps .venv)

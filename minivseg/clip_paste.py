@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minivseg.panoptic import LABEL_DIVISOR, NUM_CLASSES, THING_CLASSES, instance_of, semantic_of
+from minivseg.panoptic import IGNORE_LABEL, LABEL_DIVISOR, THING_CLASSES, instance_of, semantic_of
 
 MODES = ("thing", "stuff", "both")
 
@@ -35,7 +35,7 @@ def paste_mask(
     if mode in ("thing", "both"):
         mask |= np.isin(semantic, thing_classes)
     if mode in ("stuff", "both"):
-        present = [c for c in np.unique(semantic) if c < NUM_CLASSES and c not in thing_classes]
+        present = [c for c in np.unique(semantic) if c != IGNORE_LABEL and c not in thing_classes]
         if present:
             keep = rng.random(len(present)) < 0.5
             keep[rng.integers(len(present))] = True  # at least one stuff tube

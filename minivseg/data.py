@@ -1,24 +1,10 @@
-"""KITTI-STEP clips: a video dataset of T consecutive frames with identical augmentation.
+"""Video clips: T consecutive frames of any dataset layout with identical augmentation.
 
-Directory layout (KITTI-STEP as distributed for deeplab2, and what `minivseg.synthetic` writes)::
-
-    ROOT/images/{train,val,test}/SSSS/FFFFFF.png      RGB frames
-    ROOT/panoptic_maps/{train,val}/SSSS/FFFFFF.png    labels: R = semantic, G*256+B = instance
-    ROOT/depth/{train,val}/SSSS/FFFFFF.png            optional: 16-bit depth * 256, 0 = none
-
-Label ids are ``semantic * 1000 + instance`` with void 255 and crowd = thing class with
-instance 0 (`minivseg.panoptic`). Frames are read in `minivseg.panoptic.frame_order` (all-numeric
-names numerically, else as text; zero-padded names are safest). Images may be 8-bit RGB or
-grayscale; 16-bit grayscale frames are scaled to 8 bits. A split without ``panoptic_maps`` is read
-unlabelled (``labels=False``, e.g. the test split). A split with a ``depth`` folder (DVPS; the
-codec is `minivseg.panoptic.read_depth_png`) gives its clips ``depth`` in metres, 0 = unknown.
-
-Validation: building `KittiStepClips` decodes every image and checks that it has a label of the
-same size whose class ids are 0..18 or 255, and a depth map (16-bit grayscale, the frame's size)
-when the split has depth; the first problem raises `DatasetError` naming the file.
-``python -m minivseg.data --check ROOT`` runs the same checks on every split and prints its
-sequences, frames, class pixel shares and share of pixels with depth, and warns when numeric frame
-names are not zero-padded (the real KITTI-STEP gives train 5027 frames, val 2981 frames).
+`KittiStepClips` reads a split through `minivseg.formats.open_split`: KITTI-STEP (and DVPS, with
+depth; `minivseg.kitti_step`), VSPW (`minivseg.vspw`) or YouTube-VIS (`minivseg.youtube_vis`),
+found from the files (``data_format="auto"``). Whatever the layout, a clip's labels are panoptic
+ids ``semantic * 1000 + instance`` with void 255 (`minivseg.panoptic`); the split says which
+classes it has (``split.num_classes``, ``split.thing_classes``).
 
 Every frame ``i`` of a sequence ends one clip ``[i-T+1, ..., i]``; at the start of a sequence the
 first frame is repeated (deeplab2 ``data/build_step_data.py`` duplicates the first frame for its
@@ -49,153 +35,25 @@ from __future__ import annotations
 
 import argparse
 import random
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from minivseg.clip_paste import clip_paste as paste_clips
-from minivseg.panoptic import (
-    CLASS_NAMES,
-    IGNORE_LABEL,
-    MAX_DEPTH,
-    NUM_CLASSES,
-    VOID_ID,
-    frame_order,
-    read_depth_png,
-    read_kitti_step_png,
-    semantic_of,
-    unpadded_names,
+from minivseg.formats import FORMATS, detect_format, open_split
+from minivseg.kitti_step import (  # noqa: F401  (the readers' public names, kept importable here)
+    check_frame,
+    check_main,
+    index_depth,
+    index_split,
+    read_label,
 )
+from minivseg.panoptic import VOID_ID, read_depth_png
+from minivseg.splits import DatasetError, frame_tensor, read_image  # noqa: F401
 
 IMAGE_PAD_VALUE = 127.5  # deeplab2 pads images with the mean, which normalises to 0
-
-
-class DatasetError(ValueError):
-    """A dataset file or folder that cannot be read as KITTI-STEP; the message names it."""
-
-
-def read_image(path) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB; ``ValueError`` naming the file if it cannot be decoded.
-
-    16-bit grayscale PNGs are scaled to 8 bits (PIL's own conversion would clip them white).
-    """
-    try:
-        with Image.open(path) as image:
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                gray = np.asarray(image, dtype=np.int64)
-                if gray.min(initial=0) < 0 or gray.max(initial=0) > 65535:
-                    raise ValueError(f"{image.mode} values outside 0..65535")
-                return np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, axis=-1)
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as error:
-        raise DatasetError(f"{path}: cannot read image: {error}") from error
-
-
-def read_label(path, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """GT panoptic ``(H, W)``; raises naming the file for a class neither in 0..K-1 nor void."""
-    try:
-        panoptic = read_kitti_step_png(path)
-    except ValueError as error:
-        raise DatasetError(str(error)) from error
-    semantic = semantic_of(panoptic)
-    bad = np.unique(semantic[(semantic >= num_classes) & (semantic != IGNORE_LABEL)])
-    if bad.size:
-        raise DatasetError(f"{path}: semantic ids {bad[:5].tolist()} are neither a class"
-                         f" (0..{num_classes - 1}) nor void ({IGNORE_LABEL})")  # fmt: skip
-    return panoptic
-
-
-def check_frame(image_path: Path, label_path: Path | None, num_classes: int = NUM_CLASSES):
-    """Decode one frame (and its label); return per-class pixel counts. Raises naming the file."""
-    image = read_image(image_path)
-    counts = np.zeros(num_classes + 1, dtype=np.int64)
-    if label_path is None:
-        return counts
-    panoptic = read_label(label_path, num_classes)
-    if panoptic.shape != image.shape[:2]:
-        raise DatasetError(f"{label_path}: label size {panoptic.shape} differs from image size "
-                           f"{image.shape[:2]} of {image_path}")  # fmt: skip
-    semantic = semantic_of(panoptic)
-    semantic = np.where(semantic == IGNORE_LABEL, num_classes, semantic)
-    return np.bincount(semantic.ravel(), minlength=num_classes + 1)
-
-
-def index_depth(root, split: str, sequences: dict) -> np.ndarray:
-    """Check ``ROOT/depth/SPLIT``: one readable 16-bit depth map of the frame's size per frame of
-    ``sequences``, none without a frame. Returns pixel counts ``(with depth, all, beyond
-    MAX_DEPTH)``; the first problem raises `DatasetError` naming the file."""
-    depth_dir, image_dir = Path(root) / "depth" / split, Path(root) / "images" / split
-    known = {sequence: set(frames) for sequence, frames in sequences.items()}
-    for path in sorted(depth_dir.glob("*/*.png")):
-        if path.stem not in known.get(path.parent.name, ()):
-            raise DatasetError(f"{path}: depth map without an image in {image_dir}")
-
-    def check(job) -> np.ndarray:
-        image, path = image_dir / job[0] / f"{job[1]}.png", depth_dir / job[0] / f"{job[1]}.png"
-        if not path.is_file():
-            raise DatasetError(f"{image}: no depth map at {path}")
-        try:
-            depth = read_depth_png(path)
-            with Image.open(image) as frame:
-                size = frame.size[::-1]
-        except (OSError, ValueError) as error:
-            raise DatasetError(str(error)) from error
-        if depth.shape != size:
-            raise DatasetError(f"{path}: depth size {depth.shape} differs from image size {size}")
-        return np.array([np.count_nonzero(depth), depth.size, np.count_nonzero(depth > MAX_DEPTH)])
-
-    jobs = [(sequence, frame) for sequence, frames in sequences.items() for frame in frames]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return sum(pool.map(check, jobs))
-
-
-def frame_tensor(path, device="cpu") -> torch.Tensor:
-    """One image file as a ``(3, H, W)`` float tensor in [0, 255]."""
-    return torch.from_numpy(read_image(path).copy()).permute(2, 0, 1).float().to(device)
-
-
-def index_split(root, split: str, labels: bool = True, num_classes: int = NUM_CLASSES,
-                decode: bool = True):  # fmt: skip
-    """List and validate a split. Returns ``(sequences, class_counts)``.
-
-    ``sequences`` maps a sequence name to its sorted frame names. Every image is decoded and every
-    label checked (existence, readability, size, class ids); the first problem raises a
-    ``ValueError`` that names the file. ``class_counts``: ``num_classes + 1`` pixel counts (last:
-    void). ``decode=False`` only lists and checks that files exist (counts are None): evaluation
-    decodes each frame once, when it reads it.
-    """
-    root = Path(root)
-    image_dir, label_dir = root / "images" / split, root / "panoptic_maps" / split
-    if not image_dir.is_dir():
-        raise DatasetError(f"{image_dir}: split {split!r} not found (expected SEQ/*.png frames)")
-    sequences = {}
-    jobs = []
-    for seq_dir in sorted(p for p in image_dir.iterdir() if p.is_dir()):
-        frames = frame_order(p.stem for p in seq_dir.glob("*.png"))
-        if not frames:
-            continue
-        sequences[seq_dir.name] = frames
-        for frame in frames:
-            label = label_dir / seq_dir.name / f"{frame}.png" if labels else None
-            if label is not None and not label.is_file():
-                raise DatasetError(f"{seq_dir / (frame + '.png')}: no panoptic map at {label}")
-            jobs.append((seq_dir / f"{frame}.png", label))
-    if not sequences:
-        raise DatasetError(f"{image_dir}: split {split!r} is empty (no SEQ/*.png frames)")
-    if labels:
-        for seq_dir in sorted(p for p in label_dir.iterdir() if p.is_dir()):
-            for label in sorted(seq_dir.glob("*.png")):
-                if label.stem not in set(sequences.get(seq_dir.name, ())):
-                    raise DatasetError(f"{label}: panoptic map without an image in {image_dir}")
-    if not decode:
-        return sequences, None
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        counts = sum(pool.map(lambda job: check_frame(*job, num_classes), jobs))
-    return sequences, counts
 
 
 def resize_clip(frames: torch.Tensor, panoptic: torch.Tensor, scale: float, depth=None):
@@ -235,7 +93,7 @@ class KittiStepClips(torch.utils.data.Dataset):
     """Clips of ``clip_length`` consecutive frames from a KITTI-STEP-layout directory.
 
     Args:
-        root: dataset root with ``images/`` and ``panoptic_maps/``.
+        root: dataset root (any layout of `minivseg.formats`).
         split: "train", "val" or "test" (or any folder name).
         clip_length: T, frames per clip.
         crop_size: ``(H, W)`` to pad (void) and crop to; ``None`` keeps full frames.
@@ -246,13 +104,16 @@ class KittiStepClips(torch.utils.data.Dataset):
         random_crop: crop at random offsets (training); ``False`` pads bottom/right (evaluation).
         labels: read panoptic maps (``False`` for unlabelled frames, e.g. the test split).
         seed: base seed of the augmentation randomness.
-    Items are dicts: ``frames (T,3,H,W) float32`` in [0, 255], ``panoptic (T,H,W) int64``,
-    ``sequence`` (str), ``frame_ids`` (list of T frame names), and ``depth (T,H,W) float32``
-    metres (0 = unknown) when ``ROOT/depth/SPLIT`` exists (``has_depth``).
+        data_format: "auto" (from the files), "kitti-step", "vspw" or "youtube-vis".
+    ``source`` is the split (`minivseg.splits.VideoSplit`), with its classes. Items are dicts:
+    ``frames (T,3,H,W) float32`` in [0, 255], ``panoptic (T,H,W) int64``, ``sequence`` (str),
+    ``frame_ids`` (list of T frame names), and ``depth (T,H,W) float32`` metres (0 = unknown)
+    when the split has depth (KITTI-STEP/DVPS ``ROOT/depth/SPLIT``: ``has_depth``).
     """
 
     def __init__(self, root, split, clip_length, crop_size=None, scale_range=None, flip=False,
-                 clip_paste=0.0, random_crop=True, labels=True, seed=0):  # fmt: skip
+                 clip_paste=0.0, random_crop=True, labels=True, seed=0,
+                 data_format="auto"):  # fmt: skip
         if clip_length < 1:
             raise ValueError(f"clip_length must be >= 1, got {clip_length}")
         if clip_paste > 0 and crop_size is None:
@@ -261,10 +122,9 @@ class KittiStepClips(torch.utils.data.Dataset):
         self.crop_size, self.scale_range, self.flip = crop_size, scale_range, flip
         self.clip_paste, self.random_crop = clip_paste, random_crop
         self.labels, self.seed = labels, seed
-        self.sequences, self.class_counts = index_split(root, split, labels)
-        self.has_depth = (self.root / "depth" / split).is_dir()
-        if self.has_depth:
-            index_depth(root, split, self.sequences)
+        self.source = open_split(root, split, data_format, labels)  # checks files (VideoSplit)
+        self.sequences, self.has_depth = self.source.sequences, self.source.has_depth
+        self.class_counts = getattr(self.source, "class_counts", None)
         self.clips = [(seq, i) for seq, names in self.sequences.items() for i in range(len(names))]
 
     def __len__(self) -> int:
@@ -274,18 +134,20 @@ class KittiStepClips(torch.utils.data.Dataset):
         """Unaugmented frames ``(T,3,H,W)`` float32, panoptic ``(T,H,W)`` int64 and depth
         ``(T,H,W)`` float32 (``None`` without depth) of a clip, its sequence and frame names."""
         sequence, end = self.clips[index]
-        names = self.sequences[sequence]
+        names, source = self.sequences[sequence], self.source
         frame_ids = [names[max(0, end - self.clip_length + 1 + k)] for k in range(self.clip_length)]
-        image_dir = self.root / "images" / self.split / sequence
-        frames = np.stack([read_image(image_dir / f"{name}.png") for name in frame_ids])
+        frames = np.stack([read_image(source.image_path(sequence, n)) for n in frame_ids])
         frames = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
         if self.labels:
-            label_dir = self.root / "panoptic_maps" / self.split / sequence
-            panoptic = np.stack([read_kitti_step_png(label_dir / f"{n}.png") for n in frame_ids])
+            panoptic = np.stack([source.read_panoptic(sequence, n) for n in frame_ids])
         else:
             panoptic = np.full((self.clip_length, *frames.shape[-2:]), VOID_ID, dtype=np.int64)
-        depth_dir = self.root / "depth" / self.split / sequence
-        depths = [read_depth_png(depth_dir / f"{n}.png") for n in frame_ids if self.has_depth]
+        if panoptic.shape[-2:] != frames.shape[-2:]:
+            raise DatasetError(f"{source.label_source(sequence, frame_ids[0])}: label size "
+                               f"{panoptic.shape[-2:]} differs from image size "
+                               f"{tuple(frames.shape[-2:])}")  # fmt: skip
+        depths = [read_depth_png(source.depth_path(sequence, n)) for n in frame_ids
+                  if self.has_depth]  # fmt: skip
         depth = torch.from_numpy(np.stack(depths)) if depths else None
         return frames, torch.from_numpy(panoptic), depth, sequence, frame_ids
 
@@ -315,7 +177,8 @@ class KittiStepClips(torch.utils.data.Dataset):
             if depth is not None:  # depth rides along as a 4th channel: pasted where pixels are
                 frames = torch.cat([frames, depth[:, None]], dim=1)
                 source_frames = torch.cat([source_frames, source_depth[:, None]], dim=1)
-            frames, panoptic = paste_clips(frames, panoptic, source_frames, source_panoptic, rng)
+            frames, panoptic = paste_clips(frames, panoptic, source_frames, source_panoptic, rng,
+                                           thing_classes=self.source.thing_classes)  # fmt: skip
             frames, depth = (frames[:, :3], frames[:, 3]) if depth is not None else (frames, None)
         extra = {"depth": depth.contiguous()} if depth is not None else {}
         return {"frames": frames.contiguous(), "panoptic": panoptic.contiguous(),
@@ -360,39 +223,25 @@ def worker_init_fn(worker_id: int) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Validate a KITTI-STEP-layout dataset directory.")
+    parser = argparse.ArgumentParser(description="Validate a dataset directory (any layout).")
     parser.add_argument("--check", metavar="ROOT", required=True, help="dataset root to validate")
     parser.add_argument("--splits", nargs="+", default=None, help="splits (default: all found)")
+    parser.add_argument("--format", default="auto", choices=("auto", *FORMATS))
     args = parser.parse_args(argv)
     root = Path(args.check)
     if not root.exists():
         raise SystemExit(f"error: {root}: no such file or directory")
-    if not (root / "images").is_dir():
-        raise SystemExit(f"{root}: not a KITTI-STEP root (no images/ folder)")
-    splits = args.splits or sorted(p.name for p in (root / "images").iterdir() if p.is_dir())
-    for split in splits:
-        has_labels = (root / "panoptic_maps" / split).is_dir()
-        has_depth = (root / "depth" / split).is_dir()
-        try:
-            sequences, counts = index_split(root, split, labels=has_labels)
-            depth = index_depth(root, split, sequences) if has_depth else None
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
-        frames = sum(len(v) for v in sequences.values())
-        print(f"{split}: {len(sequences)} sequences, {frames} frames, labels: {has_labels}")
-        for name, frame_names in sequences.items():
-            if unpadded_names(frame_names):
-                print(f"  warning: {split}/{name}: frame names are numbers of different lengths"
-                      f" ({frame_names[0]} ... {frame_names[-1]}); they are read in numeric order,"
-                      " but tools that sort names as text will not: zero-pad them")  # fmt: skip
-        if has_labels:
-            shares = counts / max(counts.sum(), 1)
-            for name, share in zip((*CLASS_NAMES, "void"), shares):
-                print(f"  {name:>14s} {100 * share:6.2f} %")
-        if depth is not None:
-            with_depth, beyond = 100 * depth[0] / depth[1], 100 * depth[2] / depth[1]
-            print(f"  depth: {with_depth:.2f} % of pixels, {beyond:.2f} % beyond {MAX_DEPTH:g} m")
-    print(f"{root}: OK")
+    try:
+        data_format = detect_format(root) if args.format == "auto" else args.format
+    except DatasetError as error:
+        raise SystemExit(f"error: {error}") from None
+    if data_format == "kitti-step":
+        return check_main(root, args.splits)
+    module = {"vspw": "minivseg.vspw", "youtube-vis": "minivseg.youtube_vis"}[data_format]
+    import importlib
+
+    splits = ["--splits", *args.splits] if args.splits else []
+    importlib.import_module(module).main(["--check", str(root), *splits])
 
 
 if __name__ == "__main__":

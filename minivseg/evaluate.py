@@ -52,6 +52,7 @@ about to do first) and writes predictions and the GIF. From Python, any task's c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -62,27 +63,19 @@ import torch
 from tqdm import tqdm
 
 from minivseg.config import TrainConfig
-from minivseg.data import (
-    frame_tensor,
-    index_split,
-    read_image,
-    read_label,
-)
+from minivseg.formats import FORMATS, open_split
 from minivseg.panoptic import (
     LABEL_DIVISOR,
-    NUM_CLASSES,
     VIDEO_LABEL_DIVISOR,
     VOID_ID,
     frame_order,
     read_depth_png,
     read_kitti_step_png,
     relabel,
-    write_depth_png,
-    write_kitti_step_png,
 )
+from minivseg.predictions import PredictionWriter
+from minivseg.splits import frame_tensor
 from minivseg.tasks import load_model, predict_frames, task_classes
-
-GIF_FRAMES, GIF_WIDTH = 200, 640  # an overlay GIF shows at most this many frames, this wide
 
 
 def read_sequence(root: Path, split: str, sequence: str, names: list[str], labels: bool):
@@ -95,87 +88,57 @@ def read_sequence(root: Path, split: str, sequence: str, names: list[str], label
     return frames, np.stack([read_kitti_step_png(label_dir / f"{n}.png") for n in names])
 
 
-class PredictionWriter:
-    """Writes a sequence's predictions as they come: a KITTI-STEP PNG per frame (video ids) and
-    an overlay GIF of at most ``GIF_FRAMES`` frames evenly spaced, at most ``GIF_WIDTH`` wide."""
-
-    def __init__(self, out_dir, split, sequence, image_paths, gif=True):
-        self.png_dir = Path(out_dir) / "panoptic_maps" / split / sequence
-        self.depth_dir = Path(out_dir) / "depth" / split / sequence  # DVPS: 16-bit depth x 256
-        self.gif_path = Path(out_dir) / "overlays" / f"{sequence}.gif" if gif else None
-        self.paths = list(image_paths)
-        picked = np.linspace(0, len(self.paths) - 1, min(GIF_FRAMES, len(self.paths)))
-        self.gif_frames, self.pictures = set(np.round(picked).astype(int).tolist()), []
-
-    def add(self, t: int, panoptic: np.ndarray, depth: np.ndarray | None = None) -> None:
-        write_kitti_step_png(self.png_dir / f"{self.paths[t].stem}.png", panoptic,
-                             VIDEO_LABEL_DIVISOR)  # fmt: skip
-        if depth is not None:
-            write_depth_png(self.depth_dir / f"{self.paths[t].stem}.png", depth)
-        if self.gif_path is not None and t in self.gif_frames:
-            from PIL import Image
-
-            from minivseg.visualize import depth_picture, overlay
-
-            picture = overlay(
-                read_image(self.paths[t]), panoptic, label_divisor=VIDEO_LABEL_DIVISOR
-            )
-            if depth is not None:  # the depth colour map beside the panoptic overlay
-                gap = np.full((picture.shape[0], 4, 3), 255, np.uint8)
-                picture = np.concatenate([picture, gap, depth_picture(depth)], axis=1)
-            height, width = picture.shape[:2]
-            if width > GIF_WIDTH:
-                size = (GIF_WIDTH, max(1, round(height * GIF_WIDTH / width)))
-                picture = np.asarray(Image.fromarray(picture).resize(size, Image.BILINEAR))
-            self.pictures.append(picture)
-
-    def close(self) -> None:
-        if self.gif_path is not None and self.pictures:
-            from minivseg.visualize import save_gif
-
-            save_gif(self.gif_path, self.pictures)
-
-
 def evaluate_model(
     model, cfg: TrainConfig, root, split="val", device="cpu", out_dir=None, max_sequences=0,
     labels=True, gifs=True, sequences=None, fill_void=False, thresholds=None,
 ) -> dict:  # fmt: skip
-    """Predict every sequence of a split, stream it into the metrics (and PNGs/GIFs) frame by
-    frame. Returns the metrics (empty without labels)."""
+    """Predict every sequence of a split (any layout, `minivseg.formats`), stream it into the
+    metrics (and PNGs/GIFs, VSPW masks or YouTube-VIS results) frame by frame. Returns the
+    metrics (empty without labels). ``sequences``: a subset {name: frame names} of the split."""
     from minivseg.depth_metrics import DepthMetrics
     from minivseg.dstq import DSTQ
     from minivseg.metrics import STQ, VPQ, Flicker, MeanIoU
     from minivseg.video_ap import VideoAP
+    from minivseg.video_consistency import VideoConsistency
 
-    root = Path(root)
-    if sequences is None:
-        sequences, _ = index_split(root, split, labels=labels, decode=False)
+    source = open_split(root, split, cfg.data_format, labels=labels, decode=False)
+    sequences = sequences or source.sequences
     names = list(sequences)[: max_sequences or None]
     num_classes, thing_classes = task_classes(model)
     classes = (num_classes, thing_classes, VIDEO_LABEL_DIVISOR)
-    stq, vpq, miou, flicker = STQ(*classes), VPQ(*classes), MeanIoU(num_classes), Flicker()
+    layout = source.format  # kitti-step: STQ/VPQ/AP; vspw: mIoU, mVC8/16; youtube-vis: AP
+    stq, vpq, flicker = STQ(*classes), VPQ(*classes), Flicker()
+    miou = MeanIoU(num_classes, mean_over="gt" if layout == "vspw" else "union")
+    consistency = {n: VideoConsistency(n, ignore_label=None) for n in (8, 16)}  # VSPW's VC_n
     modes = {"tubeformer": ("pixel", "mask"), "vistr": ("vistr",)}.get(cfg.task, ())
-    video_ap = {mode: VideoAP(*classes) for mode in modes} if labels else {}
-    known = max(num_classes, NUM_CLASSES)  # dataset classes; the model's K and above are void
+    video_ap = {mode: VideoAP(*classes) for mode in modes} if labels and thing_classes else {}
     has_depth = getattr(getattr(model, "cfg", None), "depth", False)
-    scored_depth = labels and has_depth and (root / "depth" / split).is_dir()
+    scored_depth = labels and has_depth and source.has_depth
     dstq, depth_metrics = DSTQ(*classes), DepthMetrics()  # DVPS: used when scored_depth
+    results = None  # YouTube-VIS: the results file of per-mask (TubeFormer) or VisTR tracks
+    if layout == "youtube-vis" and out_dir is not None and modes:
+        from minivseg.youtube_vis import ResultsWriter
+
+        results = ResultsWriter(source)
     model.eval().to(device)
     for number, sequence in enumerate(names):
-        paths = [root / "images" / split / sequence / f"{n}.png" for n in sequences[sequence]]
+        paths = [source.image_path(sequence, n) for n in sequences[sequence]]
         frames = (frame_tensor(path, device) for path in paths)  # read as the windows need them
         gts = itertools.repeat((None, None))
         if labels:
-            label_dir = root / "panoptic_maps" / split / sequence
-            label_paths = [label_dir / f"{n}.png" for n in sequences[sequence]]
-            gts = ((path, read_label(path, known)) for path in label_paths)
-        writer = PredictionWriter(out_dir, split, sequence, paths, gifs) if out_dir else None
+            gts = ((source.label_source(sequence, n), source.read_panoptic(sequence, n))
+                   for n in sequences[sequence])  # fmt: skip
+        writer = None
+        if out_dir is not None:
+            writer = PredictionWriter(out_dir, split, sequence, paths, gifs, layout)
         scores, previous, start_time = {}, None, time.time()
         vpq.start_video()
-        for metric in video_ap.values():
-            metric.start_video()
+        for metric in (*video_ap.values(), *consistency.values()):
+            metric.start_video(*([sequence] if metric in consistency.values() else []))
+        if results is not None:
+            results.start_video(sequence)
         stream = predict_frames(model, cfg, frames, len(paths), fill_void, thresholds,
-                                masks="mask" in video_ap, scores=scores)  # fmt: skip
+                                masks="mask" in modes, scores=scores)  # fmt: skip
         bar = tqdm(total=len(paths), desc=f"[{number + 1}/{len(names)}] {sequence}",
                    unit="frame", disable=None, leave=False)  # fmt: skip
         for t, pred in enumerate(stream):  # the stream fills `scores` when it ends
@@ -193,36 +156,52 @@ def evaluate_model(
                 if previous is not None:  # flicker counts consecutive pairs of frames
                     flicker.update(*map(np.stack, zip(previous, (semantic, pred["semantic"]))))
                 previous = (semantic, pred["semantic"])
+                for metric in consistency.values():
+                    metric.update_frame(semantic, pred["semantic"])
                 for mode, metric in video_ap.items():
                     metric.update_frame(gt, pred["mask" if mode == "mask" else "panoptic"])
                 if scored_depth:
-                    gt_depth = read_depth_png(root / "depth" / split / sequence / label_path.name)
+                    gt_depth = read_depth_png(source.depth_path(sequence, paths[t].stem))
                     dstq.update(gt, pred["panoptic"], gt_depth, pred["depth"], sequence)
                     depth_metrics.update(gt_depth, pred["depth"])
             if writer is not None:
-                writer.add(t, pred["panoptic"], pred.get("depth"))
+                writer.add(t, pred)
+            if results is not None:
+                results.add_frame(pred["mask" if "mask" in modes else "panoptic"])
             bar.update()
         bar.close()
         for mode, metric in video_ap.items():
             metric.end_video(scores[mode])
+        for metric in consistency.values():
+            metric.end_video()
+        if results is not None:
+            results.end_video(scores[modes[-1]])
         if writer is not None:
             writer.close()
         seconds = time.time() - start_time
         print(f"  [{number + 1}/{len(names)}] {sequence}: {len(paths)} frames in {seconds:.1f} s"
               f" ({len(paths) / max(seconds, 1e-9):.2f} frames/s)", flush=True)  # fmt: skip
+    if results is not None:
+        results.write(Path(out_dir) / "results.json")
+        print(f"YouTube-VIS results ({len(results.results)} tracks): {out_dir}/results.json")
     if not labels:
         return {}
-    results = {"mIoU": miou.result()["mIoU"], "flicker": flicker.result()["flicker"]}
-    if cfg.task != "stt":  # a semantic model has no tracks: STQ and VPQ would not mean anything
-        results.update({k: v for k, v in stq.result().items() if k in ("STQ", "AQ", "SQ")})
-        results.update({k: v for k, v in vpq.result().items() if k.startswith("VPQ")})
+    scores = {}
+    if layout != "youtube-vis":
+        scores = {"mIoU": miou.result()["mIoU"], "flicker": flicker.result()["flicker"]}
+    if layout == "vspw":
+        scores.update({f"m{k}": v for n in consistency.values() for k, v in n.result().items()
+                       if k.startswith("VC")})  # fmt: skip
+    if cfg.task != "stt" and layout == "kitti-step":  # panoptic tracks: STQ and VPQ
+        scores.update({k: v for k, v in stq.result().items() if k in ("STQ", "AQ", "SQ")})
+        scores.update({k: v for k, v in vpq.result().items() if k.startswith("VPQ")})
     for name, metric in video_ap.items():
-        results.update({f"{name}_{k}": v for k, v in metric.result().items()})
+        scores.update({f"{name}_{k}": v for k, v in metric.result().items()})
     if scored_depth:  # DVPS: DSTQ and the depth errors
-        results.update({k: v for k, v in dstq.result().items() if k.startswith(("DSTQ", "DQ"))})
+        scores.update({k: v for k, v in dstq.result().items() if k.startswith(("DSTQ", "DQ"))})
         depth_errors = depth_metrics.result().items()
-        results.update({f"depth_{k}": v for k, v in depth_errors if k != "num_frames"})
-    return {k: float(v) for k, v in results.items() if np.isscalar(v)}
+        scores.update({f"depth_{k}": v for k, v in depth_errors if k != "num_frames"})
+    return {k: float(v) for k, v in scores.items() if np.isscalar(v)}
 
 
 def predict_folder(model, cfg: TrainConfig, folder: Path, out: Path, device, thresholds=None,
@@ -251,7 +230,7 @@ def predict_folder(model, cfg: TrainConfig, folder: Path, out: Path, device, thr
     writer = PredictionWriter(out, "frames", folder.name, paths)
     stream = predict_frames(model, cfg, frames, len(paths), fill_void, thresholds)
     for t, pred in enumerate(tqdm(stream, total=len(paths), unit="frame", disable=None)):
-        writer.add(t, pred["panoptic"], pred.get("depth"))
+        writer.add(t, pred)
     writer.close()
     print(f"predictions and overlay GIF for {len(paths)} frames in {out}")
 
@@ -264,11 +243,12 @@ def print_table(metrics: dict) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
-        description="Evaluate a checkpoint on KITTI-STEP-layout video."
+        description="Evaluate a checkpoint on video (KITTI-STEP, VSPW or YouTube-VIS layout)."
     )
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (last.pt)")
-    parser.add_argument("--data", help="KITTI-STEP-layout root")
+    parser.add_argument("--data", help="dataset root (KITTI-STEP, VSPW or YouTube-VIS layout)")
     parser.add_argument("--split", default="val")
+    parser.add_argument("--format", choices=FORMATS, help="dataset layout (default: from files)")
     parser.add_argument("--frames", help="folder of frames without labels (prediction only)")
     parser.add_argument("--out", help="write PNG predictions, overlay GIFs and metrics.json here")
     parser.add_argument("--max-sequences", type=int, default=0, help="first N sequences only")
@@ -300,15 +280,16 @@ def main(argv=None) -> dict:
             return {}
         if not args.data:
             raise SystemExit("error: give --data ROOT (labelled split) or --frames DIR")
-        has_labels = (Path(args.data) / "panoptic_maps" / args.split).is_dir()
+        if args.format:
+            cfg = dataclasses.replace(cfg, data_format=args.format)
+        has_labels = open_split(args.data, args.split, cfg.data_format, decode=False).labels
         metrics = evaluate_model(model, cfg, args.data, args.split, args.device, out,
                                  args.max_sequences, labels=has_labels,
                                  fill_void=args.fill_void, thresholds=thresholds)  # fmt: skip
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if not has_labels:
-        label_dir = Path(args.data) / "panoptic_maps" / args.split
-        print(f"no labels to score ({label_dir} does not exist): predictions only")
+        print(f"no labels to score in split {args.split!r} of {args.data}: predictions only")
     if metrics:
         print_table(metrics)
     if out is not None and metrics:

@@ -7,7 +7,9 @@ frames"); the paper numbers no equation for either.
 - `MeanIoU` is that mIoU: per-class IoU from a (K+1)×(K+1) confusion matrix summed over all
   frames, averaged over the classes with non-zero union. GT-void pixels are not counted; a void
   prediction on a labelled pixel is a miss for the GT class and, unlike STQ's SQ, adds no "void
-  class" to the mean.
+  class" to the mean. ``mean_over="gt"`` averages over the classes with GT pixels instead, as
+  VSPW's evaluator does (``utils.py`` ``Evaluator``, its ``isval``; `minivseg.vspw`): a class
+  that is only predicted, never in the GT, then adds no IoU of 0 to the mean.
 - `Flicker` / `flicker_rate` is a flow-free stand-in for TC, not TC's number: the share of
   pixels whose predicted class changes between consecutive frames while the GT class does not
   (GT void excluded), pooled over all frame pairs of all videos. TC warps the next prediction
@@ -39,10 +41,12 @@ from minivseg.panoptic import IGNORE_LABEL
 class MeanIoU:
     """Mean IoU of semantic maps from a confusion matrix; GT-void pixels are not counted."""
 
-    def __init__(self, num_classes, ignore_label=IGNORE_LABEL):
+    def __init__(self, num_classes, ignore_label=IGNORE_LABEL, mean_over="union"):
         if ignore_label < num_classes:
             raise ValueError(f"ignore_label {ignore_label} must be >= num_classes {num_classes}")
-        self.num_classes, self.ignore_label = num_classes, ignore_label
+        if mean_over not in ("union", "gt"):
+            raise ValueError(f"mean_over must be 'union' or 'gt', got {mean_over!r}")
+        self.num_classes, self.ignore_label, self.mean_over = num_classes, ignore_label, mean_over
         self.confusion = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
 
     def _index(self, semantic: np.ndarray, name: str) -> np.ndarray:
@@ -62,7 +66,8 @@ class MeanIoU:
         self.confusion += rearrange(np.bincount(cells, minlength=size**2), "(g p) -> g p", p=size)
 
     def result(self) -> dict:
-        """``mIoU`` (mean over classes with non-zero union) and ``IoU_per_class`` (NaN if absent).
+        """``mIoU`` (mean over classes with non-zero union, or with GT pixels for
+        ``mean_over="gt"``) and ``IoU_per_class`` (NaN where the union is 0).
 
         A void prediction on a labelled pixel is a miss for the GT class; unlike STQ's SQ it adds
         no "void class" to the mean.
@@ -70,6 +75,8 @@ class MeanIoU:
         confusion = self.confusion.copy()
         confusion[self.num_classes] = 0
         iou = class_iou(confusion)[: self.num_classes]  # STT §4.1.2: mIoU
+        if self.mean_over == "gt":  # VSPW: only classes with GT pixels enter the mean
+            return {"mIoU": nanmean(iou[confusion.sum(1)[:-1] > 0]), "IoU_per_class": iou.tolist()}
         return {"mIoU": nanmean(iou), "IoU_per_class": iou.tolist()}
 
 

@@ -67,7 +67,13 @@ Sequence ids run on across splits: train ``0000..N-1``, val ``N..N+M-1``. The co
 line per sequence and a summary with the class pixel shares and the share of pixels with depth.
 In Python, `generate_sequence` renders one video (the same arguments give the same bytes;
 ``depth=True`` adds its depth maps) and `write_dataset` writes a dataset
-(sequence ``i`` uses ``sequence_seed(seed, i)``). Generation speed, dataset size, class shares
+(sequence ``i`` uses ``sequence_seed(seed, i)``). ``--format vspw`` / ``--format youtube-vis``
+write the same sequences in VSPW's layout (semantic masks; the 19 classes as VSPW values 1..19,
+void as 255; splits train/val) or YouTube-VIS's (2021 layout, splits train/valid; person and car
+are the categories, their tracks the instances, crowd groups ``iscrowd`` annotations, everything
+else background; the valid split keeps its annotations so that it can be scored offline), through
+`minivseg.vspw.write_split` and `minivseg.youtube_vis.write_split` (`write_in_format`); frames
+are JPEG there, as in those datasets. Generation speed, dataset size, class shares
 and track statistics are measured at the end of ``lessons/00_tubes_and_data.py``.
 """
 
@@ -86,6 +92,7 @@ from minivseg.panoptic import (
     LABEL_DIVISOR,
     MAX_DEPTH,
     NUM_CLASSES,
+    THING_CLASSES,
     VOID_ID,
     write_depth_png,
     write_kitti_step_png,
@@ -297,8 +304,35 @@ def write_dataset(out, train_seqs: int, val_seqs: int, num_frames: int, seed: in
     return summary
 
 
+def write_in_format(out, data_format: str, train_seqs: int, val_seqs: int, num_frames: int,
+                    seed: int = 0, height: int = 128, width: int = 416) -> None:  # fmt: skip
+    """The sequences `write_dataset` writes, in VSPW's or YouTube-VIS's layout."""
+    if data_format == "vspw":  # every class, VSPW's values 1..19
+        from minivseg.vspw import write_split
+
+        splits, classes = ("train", "val"), CLASS_NAMES
+    elif data_format == "youtube-vis":  # the thing classes are the categories
+        from minivseg.youtube_vis import write_split
+
+        splits, classes = ("train", "valid"), {c: CLASS_NAMES[c] for c in THING_CLASSES}
+    else:
+        raise ValueError(f"unknown format {data_format!r}: kitti-step, vspw or youtube-vis")
+
+    def videos(indices):
+        for index in indices:
+            start = time.perf_counter()
+            frames, panoptic = generate_sequence(sequence_seed(seed, index), num_frames, height,
+                                                 width)  # fmt: skip
+            print(f"{index:04d}: {num_frames} frames, {time.perf_counter() - start:.1f} s",
+                  flush=True)  # fmt: skip
+            yield f"{index:04d}", frames, panoptic
+
+    write_split(out, splits[0], videos(range(train_seqs)), classes)
+    write_split(out, splits[1], videos(range(train_seqs, train_seqs + val_seqs)), classes)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic KITTI-STEP-layout dataset.")
+    parser = argparse.ArgumentParser(description="Write a synthetic street-video dataset.")
     parser.add_argument("--out", required=True, help="dataset root")
     parser.add_argument("--train-seqs", type=int, default=4, help="training sequences")
     parser.add_argument("--val-seqs", type=int, default=1, help="validation sequences")
@@ -307,7 +341,14 @@ def main(argv=None) -> None:
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=416)
     parser.add_argument("--no-depth", action="store_true", help="do not write depth/ PNGs")
+    layouts = ("kitti-step", "vspw", "youtube-vis")
+    parser.add_argument("--format", default="kitti-step", choices=layouts, help="dataset layout")
     args = parser.parse_args(argv)
+    if args.format != "kitti-step":
+        write_in_format(args.out, args.format, args.train_seqs, args.val_seqs, args.frames,
+                        args.seed, args.height, args.width)  # fmt: skip
+        print(f"wrote {args.train_seqs + args.val_seqs} sequences ({args.format}) to {args.out}")
+        return
     summary = write_dataset(args.out, args.train_seqs, args.val_seqs, args.frames, args.seed,
                             args.height, args.width, depth=not args.no_depth)  # fmt: skip
     rate = summary["frames_per_second"]

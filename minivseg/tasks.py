@@ -103,6 +103,20 @@ def build_task(cfg: TrainConfig):
     raise ValueError(f"unknown task {cfg.task!r}: tubeformer, stt or vistr")
 
 
+def with_dataset_classes(cfg: TrainConfig, split) -> TrainConfig:
+    """``cfg`` with the model built for the classes of a layout that names its own (VSPW's 124
+    semantic classes; YouTube-VIS's categories as things plus background), unless the flags
+    set them. Stored in the checkpoint's config, so evaluation rebuilds the same model."""
+    if not split.own_classes:
+        return cfg
+    fields = {"tubeformer": ("num_classes", "thing_classes"), "stt": ("num_classes",),
+              "vistr": ("num_classes", "thing_classes")}.get(cfg.task, ())  # fmt: skip
+    values = {"num_classes": str(split.num_classes),
+              "thing_classes": ",".join(map(str, split.thing_classes))}  # fmt: skip
+    found = {name: values[name] for name in fields if name not in cfg.model_overrides}
+    return dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, **found})
+
+
 def last_frame_semantic_loss(outputs, batch):
     """STT: cross-entropy of the last frame's semantic logits (void and unknown classes ignored)."""
     logits = outputs["semantic_logits"].float()  # (B, K, H, W)

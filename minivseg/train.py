@@ -73,7 +73,7 @@ from minivseg.config import TrainConfig, parse_args
 from minivseg.data import KittiStepClips, ResumableSampler, collate_clips, worker_init_fn
 from minivseg.dual_path import batch_norm_buffers
 from minivseg.run_log import cut_log, log_line, plot_losses, progress
-from minivseg.tasks import build_task
+from minivseg.tasks import build_task, with_dataset_classes
 
 
 def compute_loss(model, criterion, batch, cfg: TrainConfig):
@@ -221,7 +221,9 @@ def main(cfg: TrainConfig) -> dict:
     clip_length = cfg.clip_length + (1 if cfg.temporal_consistency > 0 else 0)
     dataset = KittiStepClips(cfg.data, cfg.train_split, clip_length, crop_size=cfg.crop_size,
                              scale_range=cfg.scale_range, flip=cfg.flip,
-                             clip_paste=cfg.clip_paste, seed=cfg.seed)  # fmt: skip
+                             clip_paste=cfg.clip_paste, seed=cfg.seed,
+                             data_format=cfg.data_format)  # fmt: skip
+    cfg = with_dataset_classes(cfg, dataset.source)  # VSPW / YouTube-VIS: the dataset's classes
 
     # --- model, loss ---------------------------------------------------------------------------
     model, criterion = build_task(cfg)

@@ -59,7 +59,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from minivseg.backbone import AxialResNet
-from minivseg.panoptic import LABEL_DIVISOR, THING_CLASSES, VOID_ID
+from minivseg.panoptic import LABEL_DIVISOR, NUM_CLASSES, THING_CLASSES, VOID_ID
 from minivseg.stitching import VideoStitcher, sliding_clips
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # ImageNet statistics on the 0..255 scale
@@ -69,6 +69,7 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 @dataclass
 class VisTRConfig:
     thing_classes: tuple[int, ...] = THING_CLASSES  # dataset id of each class logit (K of them)
+    num_classes: int = NUM_CLASSES  # dataset classes (stuff included; ids below it are valid)
     num_frames: int = 36  # T, frames per clip (queries are per frame, so fixed per model)
     num_slots: int = 10  # n, instance slots per frame; T·n queries in all
     hidden_dim: int = 384  # d, divisible by 6 (three axes of sin/cos pairs)

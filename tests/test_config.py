@@ -35,8 +35,11 @@ def test_bad_flags_raise_clear_errors(argv, message):
 
 
 def test_presets():
-    names = {"demo", "kitti", "stt_demo", "stt_paper", "vistr_demo", "vistr_official", "dvps_demo"}
+    names = {"demo", "kitti", "stt_demo", "stt_paper", "vistr_demo", "vistr_official", "dvps_demo",
+             "vspw_demo", "vspw", "youtube_vis_demo", "youtube_vis"}  # fmt: skip
     assert set(PRESETS) == names
+    assert PRESETS["youtube_vis"]().clip_length == 5 == PRESETS["youtube_vis_demo"]().clip_length
+    assert PRESETS["vspw"]().clip_length == 2 and PRESETS["vspw"]().model == "kitti"
     assert PRESETS["dvps_demo"]().model_overrides == {"depth": "true"}
     kitti = PRESETS["kitti"]()
     assert kitti.crop_size == (385, 1249) and kitti.batch_size * kitti.accumulate == 16

@@ -207,7 +207,7 @@ def test_empty_or_missing_split(root, tmp_path):
     (root / "images" / "test").mkdir()
     with pytest.raises(ValueError, match="empty"):
         D.KittiStepClips(root, "test", 2, labels=False)
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(ValueError, match="nowhere: no such dataset folder"):
         D.KittiStepClips(tmp_path / "nowhere", "train", 2)
 
 

@@ -84,7 +84,10 @@ def test_frames_folder_without_labels(checkpoint, tmp_path):
 def test_clear_errors(checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="no such checkpoint"):
         E.main(["--checkpoint", str(tmp_path / "nope.pt"), "--data", str(SAMPLES)])
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit, match="not a dataset root: expected images/"):
+        E.main(["--checkpoint", str(checkpoint), "--data", str(tmp_path), "--split", "val"])
+    (tmp_path / "images").mkdir()
+    with pytest.raises(SystemExit, match="split 'val' not found"):
         E.main(["--checkpoint", str(checkpoint), "--data", str(tmp_path), "--split", "val"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .png or .jpg"):

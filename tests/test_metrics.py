@@ -407,6 +407,20 @@ def test_mean_iou_hand_computed():
         miou.update(np.array([7]), np.array([0]))
 
 
+def test_mean_iou_over_gt_classes_skips_classes_only_predicted():
+    gt, pred = np.array([[0, 0, 1, 1, 255]]), np.array([[0, 2, 1, 1, 2]])
+    # class 0: I 1, U 2; class 1: I 2, U 2; class 2: I 0, U 1 (predicted once on a labelled
+    # pixel, never in the GT; the prediction on GT void is not counted); class 3: no union
+    union, in_gt = MeanIoU(4), MeanIoU(4, mean_over="gt")
+    union.update(gt, pred)
+    in_gt.update(gt, pred)
+    assert union.result()["mIoU"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert in_gt.result()["mIoU"] == pytest.approx((0.5 + 1) / 2)
+    assert in_gt.result()["IoU_per_class"][:3] == pytest.approx([0.5, 1.0, 0.0])
+    with pytest.raises(ValueError, match="mean_over"):
+        MeanIoU(4, mean_over="pixels")
+
+
 def test_flicker_rate_counts_prediction_changes_where_gt_is_stable():
     gt = np.array([[[0, 0, 1, 255]], [[0, 0, 2, 255]], [[0, 0, 2, 255]]])  # (T=3, H=1, W=4)
     pred = np.array([[[0, 0, 1, 3]], [[0, 1, 1, 4]], [[0, 0, 2, 5]]])
