@@ -117,7 +117,7 @@ def evaluate_model(
     dstq, depth_metrics = DSTQ(*classes), DepthMetrics()  # DVPS: used when scored_depth
     results = None  # YouTube-VIS: the results file of per-mask (TubeFormer) or VisTR tracks
     if layout == "youtube-vis" and out_dir is not None and modes:
-        from minivseg.youtube_vis import ResultsWriter
+        from minivseg.youtube_vis_results import ResultsWriter
 
         results = ResultsWriter(source)
     model.eval().to(device)

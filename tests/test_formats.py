@@ -111,3 +111,51 @@ def test_clip_paste_uses_the_dataset_thing_classes():
                            mode="thing", thing_classes=(0, 1))  # fmt: skip
     assert (pasted[0, :2, :2] // LABEL_DIVISOR == 1).all() and (pasted[0, :2, :2] % 1000 > 0).all()
     assert THING_CLASSES != (0, 1)
+
+
+@pytest.fixture(scope="module")
+def ytvis_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ytvis")
+    write_in_format(root, "youtube-vis", 1, 1, 6, seed=3, height=33, width=97)
+    return root
+
+
+def test_youtube_vis_clips_and_classes(ytvis_root):
+    """Person and car are the categories (things 0, 1), everything else background (stuff 2)."""
+    clips = D.KittiStepClips(ytvis_root, "train", 5)
+    split = clips.source
+    assert split.format == "youtube-vis" and split.thing_classes == (0, 1)
+    assert split.class_names == ("person", "car", "background") and split.num_classes == 3
+    _, panoptic = generate_sequence(sequence_seed(3, 0), 6, 33, 97)
+    semantic = panoptic // LABEL_DIVISOR
+    expected = np.select([semantic == 11, semantic == 13], [0, 1], 2)  # person, car, the rest
+    item = clips[5]
+    assert item["frames"].shape == (5, 3, 33, 97)
+    assert np.array_equal(item["panoptic"].numpy() // LABEL_DIVISOR, expected[1:6])
+    tracked = (panoptic % LABEL_DIVISOR > 0) & np.isin(semantic, THING_CLASSES)
+    assert np.array_equal(item["panoptic"].numpy() % LABEL_DIVISOR > 0, tracked[1:6])
+    cfg = with_dataset_classes(TrainConfig(task="vistr"), split)
+    assert cfg.model_overrides == {"num_classes": "3", "thing_classes": "0,1"}
+
+
+@pytest.mark.parametrize("task", ["tubeformer", "vistr"])
+def test_youtube_vis_train_evaluate_and_results(ytvis_root, tmp_path, task):
+    """VIS on YouTube-VIS's layout with T = 5: evaluation scores video mask AP and writes the
+    results file, which the YouTube-VIS scoring reads back to the same numbers."""
+    from minivseg.config import vistr_demo
+    from minivseg.youtube_vis_results import score_results
+
+    preset = vistr_demo() if task == "vistr" else demo()
+    cfg = dataclasses.replace(preset, data=str(ytvis_root), out_dir=str(tmp_path / "run"),
+                              clip_length=5, **SMALL)  # fmt: skip
+    train_module.main(cfg)
+    checkpoint, out = str(tmp_path / "run" / "last.pt"), str(tmp_path / "eval")
+    metrics = E.main(["--checkpoint", checkpoint, "--data", str(ytvis_root), "--split", "valid",
+                      "--out", out])  # fmt: skip
+    mode = "mask" if task == "tubeformer" else "vistr"
+    assert f"{mode}_AP" in metrics and "STQ" not in metrics and "mIoU" not in metrics
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert all(len(r["segmentations"]) == 6 and r["category_id"] in (1, 2) for r in results)
+    scored = score_results(tmp_path / "eval" / "results.json", open_split(ytvis_root, "valid"))
+    for key in ("AP", "AP50", "AR10"):  # the same tracks, scored from the file
+        assert scored[key] == pytest.approx(metrics[f"{mode}_{key}"], abs=1e-12, nan_ok=True)
