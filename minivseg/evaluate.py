@@ -9,8 +9,14 @@ for TubeFormer, its own stitching for VisTR; `minivseg.metrics`, `minivseg.video
 table and, with ``--out``, writes ``metrics.json`` (undefined numbers as ``null``), KITTI-STEP PNG
 predictions ``OUT/panoptic_maps/SPLIT/SEQ/FRAME.png`` (which ``python -m minivseg.metrics`` scores
 again) and one overlay GIF per sequence. STQ, AQ, SQ, mIoU and AP are fractions; VPQ is ×100.
-``--frames DIR`` runs on a folder of frames without labels (all of one size; it says what it is
-about to do first) and writes predictions and the GIF. From Python, any task's checkpoint:
+Other layouts (`minivseg.formats`, ``--format`` to force one): on VSPW it scores mIoU (mean
+over the classes with GT pixels, VSPW's), mVC8, mVC16 and flicker and writes VSPW masks under
+``OUT/masks/VIDEO/`` (its VC merges "others" and void, both 255 here; ``python -m minivseg.vspw
+--score OUT/masks`` gives the tooling's exact VC, which differs only where a pixel changes between
+the two); on YouTube-VIS it scores video mask AP/AR and writes ``OUT/results.json`` for the server
+(TubeFormer: per-mask tracks; VisTR: its tracks). ``--frames DIR`` runs on a folder of frames
+without labels (all of one size; it says what it is about to do first) and writes predictions and
+the GIF. From Python, any task's checkpoint:
 ``model, cfg = minivseg.tasks.load_model(path)`` then ``minivseg.tasks.predict_frames``.
 
 - **Streaming.** Frames are read as the windows need them, each window runs the model once (all
