@@ -171,7 +171,7 @@ def evaluate_model(
                     dstq.update(gt, pred["panoptic"], gt_depth, pred["depth"], sequence)
                     depth_metrics.update(gt_depth, pred["depth"])
             if writer is not None:
-                writer.add(t, pred)
+                writer.add(t, pred, gt)  # gt: video ids, or None without labels
             if results is not None:
                 results.add_frame(pred["mask" if "mask" in modes else "panoptic"])
             bar.update()

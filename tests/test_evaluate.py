@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from minivseg import evaluate as E
 from minivseg import tasks
@@ -57,6 +58,9 @@ def test_evaluate_writes_metrics_predictions_and_overlays(checkpoint, tmp_path):
         == read_kitti_step_png(SAMPLES / "panoptic_maps" / "val" / sequence / frames[0].name).shape
     )
     assert (tmp_path / "overlays" / f"{sequence}.gif").stat().st_size > 0
+    with Image.open(tmp_path / "overlays" / f"{sequence}.gif") as gif:  # GT above prediction
+        height, width = pan.shape
+        assert gif.size == (width, 2 * height + 4)
 
 
 def test_predictions_have_consistent_ids_over_the_video(checkpoint):
@@ -78,7 +82,8 @@ def test_frames_folder_without_labels(checkpoint, tmp_path):
         shutil.copy(path, folder / path.name)
     E.main(["--checkpoint", str(checkpoint), "--frames", str(folder), "--out", str(tmp_path / "o")])
     assert len(list((tmp_path / "o" / "panoptic_maps" / "frames" / "my_video").glob("*.png"))) == 3
-    assert (tmp_path / "o" / "overlays" / "my_video.gif").exists()
+    with Image.open(tmp_path / "o" / "overlays" / "my_video.gif") as gif:  # no labels: prediction
+        assert gif.size == Image.open(sorted(folder.glob("*.png"))[0]).size
 
 
 def test_clear_errors(checkpoint, tmp_path):
@@ -301,11 +306,10 @@ def test_dvps_model_trains_with_depth_and_evaluation_scores_and_writes_depth(tmp
     depth = read_depth_png(tmp_path / "eval" / "depth" / "val" / sequence / frames[0].name)
     gt_depth = read_depth_png(SAMPLES / "depth" / "val" / sequence / frames[0].name)
     assert depth.shape == gt_depth.shape and 0 < depth.min() and depth.max() < 80
-    from PIL import Image
-
     with Image.open(tmp_path / "eval" / "overlays" / f"{sequence}.gif") as gif:
-        width, height = gif.size  # overlay | depth side by side: twice the frame's aspect
-        assert width / height > 1.9 * gt_depth.shape[1] / gt_depth.shape[0]
+        width, height = gif.size  # GT above (overlay | depth): (2W + 4) x (2H + 4), resized
+        (h, w) = gt_depth.shape
+        assert width / height == pytest.approx((2 * w + 4) / (2 * h + 4), rel=0.02)
 
 
 def test_a_depth_model_on_data_without_depth_stops_with_one_line(tmp_path):
