@@ -72,9 +72,10 @@ data-samples: $(STAMP)  ## regenerate data_samples/ with the synthetic generator
 	rm -rf data_samples/images data_samples/panoptic_maps data_samples/depth
 	$(PY) -m minivseg.synthetic --out data_samples --train-seqs 2 --val-seqs 1 --frames 8 --seed 0
 
-bench: $(STAMP)  ## benchmarks: metrics vs reference, sparse vs dense temporal attention
+bench: $(STAMP)  ## benchmarks: metrics vs reference, sparse vs dense temporal attention, the demo's training step
 	$(PY) tests/benchmarks/bench_metrics.py
 	$(PY) tests/benchmarks/bench_sparse_temporal.py
+	$(PY) tests/benchmarks/bench_train_step.py
 
 train-kitti: $(STAMP)  ## full TubeFormer-DeepLab-B1 on KITTI-STEP: make train-kitti DATA=/path [NGPUS=k] [INIT=file.pt]
 	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/kitti-step (see README: KITTI-STEP)"; exit 2; }

@@ -87,14 +87,16 @@ class AxialAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> (B, value_channels, H, W); columns (height) or rows (width) alone."""
         b, _, height, width = x.shape
+        # The q/k/v projection and its BN are per pixel, so they run on the whole map, before it
+        # is cut into lines: the same products and BN statistics (over every pixel), but long
+        # BN planes (H*W, not one line's H or W, which makes torch's BN kernel slow).
+        qkv = self.qkv_bn(self.qkv(rearrange(x, "B C H W -> B C (H W)")))  # (B, 2Ck+Cv, H*W)
         if self.axis == "height":
-            lines = rearrange(x, "B C H W -> (B W) C H")
+            lines = rearrange(qkv, "B C (H W) -> (B W) C H", H=height)
         else:
-            lines = rearrange(x, "B C H W -> (B H) C W")
+            lines = rearrange(qkv, "B C (H W) -> (B H) C W", H=height)
         length = lines.shape[-1]
-
-        qkv = self.qkv_bn(self.qkv(lines))
-        q, k, v = qkv.split([self.key_channels, self.key_channels, self.value_channels], dim=1)
+        q, k, v = lines.split([self.key_channels, self.key_channels, self.value_channels], dim=1)
         q, k, v = (rearrange(t, "B (h d) i -> B h d i", h=self.num_heads) for t in (q, k, v))
 
         index = relative_index(length, self.max_span, x.device)
@@ -109,15 +111,17 @@ class AxialAttention(nn.Module):
         logits = rearrange(logits, "B (S h) i j -> S B h i j", S=3).sum(0)
         attention = logits.softmax(dim=-1)  # (B, h, i, j): normalised over keys j
 
-        # Eq. (3)/(4): retrieve v_p + r^v_{p-o}, each retrieval BatchNormed before the sum.
+        # Eq. (3)/(4): retrieve v_p + r^v_{p-o}, each retrieval BatchNormed before the sum (on
+        # the whole map again: BN is per pixel and channel).
         retrieved = torch.einsum("Bhij,Bhdj->Bhdi", attention, v)
         retrieved_rpe = torch.einsum("Bhij,ijd->Bhdi", attention, r_v)
         out = rearrange([retrieved, retrieved_rpe], "S B h d i -> B (S h d) i")
-        out = rearrange(self.output_bn(out), "B (S c) i -> S B c i", S=2).sum(0)
-
         if self.axis == "height":
-            return rearrange(out, "(B W) C H -> B C H W", B=b, W=width)
-        return rearrange(out, "(B H) C W -> B C H W", B=b, H=height)
+            out = rearrange(out, "(B W) C H -> B C (H W)", B=b, W=width)
+        else:
+            out = rearrange(out, "(B H) C W -> B C (H W)", B=b, H=height)
+        out = rearrange(self.output_bn(out), "B (S c) (H W) -> S B c H W", S=2, H=height)
+        return out.sum(0)  # (B, value_channels, H, W)
 
 
 class AxialAttention2D(nn.Module):
