@@ -115,7 +115,8 @@ def evaluate_model(
     layout = source.format  # kitti-step: STQ/VPQ/AP; vspw: mIoU, mVC8/16; youtube-vis: AP
     stq, vpq, flicker = STQ(*classes), VPQ(*classes), Flicker()
     miou = MeanIoU(num_classes, mean_over="gt" if layout == "vspw" else "union")
-    consistency = {n: VideoConsistency(n, ignore_label=None) for n in (8, 16)}  # VSPW's VC_n
+    consistency = {n: VideoConsistency(n, ignore_label=None) for n in (8, 16)
+                   if layout == "vspw"}  # VSPW's VC8 and VC16  # fmt: skip
     modes = {"tubeformer": ("pixel", "mask"), "vistr": ("vistr",)}.get(cfg.task, ())
     video_ap = {mode: VideoAP(*classes) for mode in modes} if labels and thing_classes else {}
     has_depth = getattr(getattr(model, "cfg", None), "depth", False)
@@ -139,8 +140,10 @@ def evaluate_model(
             writer = PredictionWriter(out_dir, split, sequence, paths, gifs, layout)
         scores, previous, start_time = {}, None, time.time()
         vpq.start_video()
-        for metric in (*video_ap.values(), *consistency.values()):
-            metric.start_video(*([sequence] if metric in consistency.values() else []))
+        for metric in video_ap.values():
+            metric.start_video()
+        for metric in consistency.values():
+            metric.start_video(sequence)
         if results is not None:
             results.start_video(sequence)
         stream = predict_frames(model, cfg, frames, len(paths), fill_void, thresholds,

@@ -61,4 +61,4 @@ def open_split(root, split: str, data_format: str = "auto", labels=None,
         from minivseg.youtube_vis import YouTubeVISSplit
 
         return YouTubeVISSplit(root, split, labels)
-    raise ValueError(f"unknown data format {data_format!r}: auto, {', '.join(FORMATS)}")
+    raise DatasetError(f"unknown data format {data_format!r}: auto, {', '.join(FORMATS)}")
