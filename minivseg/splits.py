@@ -16,6 +16,7 @@ the entry) and what is wrong with it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,17 @@ def read_image(path) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as error:
         raise DatasetError(f"{path}: cannot read image: {error}") from error
+
+
+def write_text_atomically(path, text: str) -> Path:
+    """Write ``text`` to ``path`` (folders created) through a temporary file and a rename, so a
+    reader never sees half a file; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+    return path
 
 
 def frame_tensor(path, device="cpu") -> torch.Tensor:

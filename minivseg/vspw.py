@@ -54,7 +54,7 @@ from PIL import Image
 
 from minivseg.panoptic import IGNORE_LABEL, LABEL_DIVISOR, VOID_ID, frame_order, semantic_of
 from minivseg.semantic_metrics import MeanIoU
-from minivseg.splits import DatasetError, VideoSplit, read_image
+from minivseg.splits import DatasetError, VideoSplit, read_image, write_text_atomically
 from minivseg.video_consistency import VideoConsistency
 
 CLASS_FILE = "label_num_dic_final.json"
@@ -266,14 +266,14 @@ def write_split(root, split: str, videos, class_names) -> None:
         if read_class_names(root) != class_names:
             raise DatasetError(f"{root / CLASS_FILE}: holds other classes than {class_names}")
     else:
-        write_atomically(root / CLASS_FILE, json.dumps(table, indent=1) + "\n")
+        write_text_atomically(root / CLASS_FILE, json.dumps(table, indent=1) + "\n")
     names = []
     for name, frames, panoptic in videos:
         if not name or name != name.strip() or "/" in name or "\n" in name or name in names:
             raise ValueError(f"{root / f'{split}.txt'}: bad or repeated video name {name!r}")
         write_video(root / "data" / name, frames, panoptic, len(class_names))
         names.append(name)
-    write_atomically(root / f"{split}.txt", "".join(f"{name}\n" for name in names))
+    write_text_atomically(root / f"{split}.txt", "".join(f"{name}\n" for name in names))
 
 
 def write_video(folder: Path, frames, panoptic, num_classes: int) -> None:
@@ -299,13 +299,6 @@ def write_video(folder: Path, frames, panoptic, num_classes: int) -> None:
         Image.fromarray(frames[t]).save(folder / "origin" / f"{stem}.jpg", quality=95)
         if panoptic is not None:
             write_mask(folder / "mask" / f"{stem}.png", semantic[t])
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def score_predictions(pred_dir, split: VSPWSplit) -> dict:

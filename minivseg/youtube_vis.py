@@ -48,7 +48,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from minivseg.panoptic import LABEL_DIVISOR
-from minivseg.splits import DatasetError, VideoSplit, read_image
+from minivseg.splits import DatasetError, VideoSplit, read_image, write_text_atomically
 
 VIDEO_KEYS = ("id", "file_names", "height", "width")  # the JSON entries' keys that we read
 ANNOTATION_KEYS = ("video_id", "category_id", "segmentations")  # "iscrowd": 0 if absent
@@ -115,13 +115,8 @@ def encode_mask(mask: np.ndarray) -> dict:
 
 
 def write_json(path, data) -> Path:
-    """Write ``data`` as compact JSON atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, separators=(",", ":")))
-    os.replace(temporary, path)
-    return path
+    """Write ``data`` as compact JSON atomically (`minivseg.splits.write_text_atomically`)."""
+    return write_text_atomically(path, json.dumps(data, separators=(",", ":")))
 
 
 class YouTubeVISSplit(VideoSplit):
