@@ -8,8 +8,18 @@ NGPUS  ?= 1
 SYNTH  := data/synthetic
 VSPW   := data/synthetic_vspw
 YTVIS  := data/synthetic_ytvis
+HELDOUT := data/synthetic_heldout
+# make demo's data: things up to 20 m away; the held-out sequences come from another seed
+SYNTH_ARGS   := --train-seqs 16 --val-seqs 2 --frames 30 --seed 0 --z-far 20
+HELDOUT_ARGS := --train-seqs 0 --val-seqs 12 --frames 30 --seed 7 --z-far 20 --no-depth
 ARGS   ?=
 INIT   ?=
+
+# $(call synthetic,DIR,ARGS): write the synthetic dataset DIR unless it was written with ARGS
+define synthetic
+	@test "$$(cat $(1)/generator_args.txt 2>/dev/null)" = "$(2)" || { rm -rf $(1) && \
+		$(PY) -m minivseg.synthetic --out $(1) $(2) && echo "$(2)" > $(1)/generator_args.txt; }
+endef
 
 .DEFAULT_GOAL := help
 .PHONY: help demo demo-vspw demo-youtube-vis train-vspw train-youtube-vis test lessons notebooks lab lint format data-samples bench train-kitti clean
@@ -23,13 +33,15 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## synthetic data -> train the tiny TubeFormer on CPU -> STQ/VPQ/mIoU + overlays
-	@test -d $(SYNTH)/panoptic_maps/val || $(PY) -m minivseg.synthetic --out $(SYNTH) \
-		--train-seqs 16 --val-seqs 2 --frames 30 --seed 0
+demo: $(STAMP)  ## synthetic data -> train the tiny TubeFormer on CPU -> STQ/VPQ/mIoU + overlays, val and held out
+	$(call synthetic,$(SYNTH),$(SYNTH_ARGS))
+	$(call synthetic,$(HELDOUT),$(HELDOUT_ARGS))
 	$(PY) -m minivseg.train --preset=demo --data=$(SYNTH) --out_dir=runs/demo --overwrite $(ARGS)
 	$(PY) -m minivseg.evaluate --checkpoint runs/demo/last.pt --data $(SYNTH) --split val \
 		--out runs/demo/eval
-	@echo "overlay GIFs: runs/demo/eval/overlays/  loss curve: runs/demo/loss_curve.png"
+	$(PY) -m minivseg.evaluate --checkpoint runs/demo/last.pt --data $(HELDOUT) --split val \
+		--out runs/demo/eval_heldout
+	@echo "overlay GIFs: runs/demo/eval/overlays/ and runs/demo/eval_heldout/overlays/  loss curve: runs/demo/loss_curve.png"
 
 demo-vspw: $(STAMP)  ## video semantic segmentation: the synthetic video in VSPW's layout -> mIoU, mVC8, mVC16
 	@test -f $(VSPW)/val.txt || $(PY) -m minivseg.synthetic --format vspw --out $(VSPW) \

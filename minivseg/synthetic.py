@@ -52,14 +52,17 @@ facade, the thing's depth is written. Depth is stored as DVPS does: 16-bit PNG o
 (`minivseg.panoptic.write_depth_png`).
 
 Differences from KITTI-STEP: rendered, not photographed; 10 of the 19 classes occur; things are
-drawn only up to ``Z_FAR`` = 30 m away, so a car is about 15 px tall or more at 128 px height.
+drawn only up to ``Z_FAR`` = 30 m away by default, so a car is about 15 px tall or more at 128 px
+height; ``make demo`` writes its data with ``--z-far 20`` (``z_far=20``): the far, tiny things are
+gone, the median car is taller, and everything else is drawn as before (the random plan differs,
+because the street's length depends on it).
 Differences from SemKITTI-DVPS's depth: dense and noiseless, where that is one LiDAR scan
 projected into the image (sparse); people are flat sprites, so their depth is one ``z`` each.
 
 **Use**::
 
     python -m minivseg.synthetic --out data/synthetic --train-seqs 8 --val-seqs 2 --frames 50 \
-        --seed 0 [--height 128 --width 416]
+        --seed 0 [--height 128 --width 416 --z-far 30]
 
 writes ``images/SPLIT/SSSS/FFFFFF.png`` (RGB), ``panoptic_maps/SPLIT/SSSS/FFFFFF.png`` and
 ``depth/SPLIT/SSSS/FFFFFF.png`` (``--no-depth``: no depth folder).
@@ -155,9 +158,10 @@ def plan_street(rng, route: float) -> dict:
     return dict(edges=edges, classes=classes, lane=lane, plan=plan)
 
 
-def plan_things(rng, street: dict, num_frames: int, ego_speed: float) -> list[Thing]:
+def plan_things(rng, street: dict, num_frames: int, ego_speed: float,
+                z_far: float = Z_FAR) -> list[Thing]:  # fmt: skip
     """Parked and moving cars, walking and crossing people, crowds, poles with signs, clutter."""
-    edges, lane, route = street["edges"], street["lane"], ego_speed * num_frames + Z_FAR
+    edges, lane, route = street["edges"], street["lane"], ego_speed * num_frames + z_far
     things, track_ids = [], iter(range(1, LABEL_DIVISOR))  # KITTI-STEP track ids start at 1
 
     def car(x, z, vz, lights=(200, 20, 20)):
@@ -191,7 +195,7 @@ def plan_things(rng, street: dict, num_frames: int, ego_speed: float) -> list[Th
     oncoming = rng.random() < 0.6  # the other lane: oncoming cars, or cars overtaking us
     vz = -rng.uniform(0.3, 0.7) if oncoming else ego_speed + rng.uniform(0.15, 0.35)
     for t_enter in np.cumsum(rng.uniform(12, 45, size=num_frames // 12 + 1)) - 30:
-        z_enter = (Z_FAR if oncoming else 3.0) + (ego_speed - vz) * t_enter
+        z_enter = (z_far if oncoming else 3.0) + (ego_speed - vz) * t_enter
         lights = (235, 235, 210) if oncoming else (200, 20, 20)
         car(-lane + rng.uniform(-0.3, 0.3), z_enter, vz, lights)
     for side in range(2):
@@ -223,18 +227,22 @@ def plan_things(rng, street: dict, num_frames: int, ego_speed: float) -> list[Th
 
 
 def generate_sequence(seed: int, num_frames: int, height: int = 128, width: int = 416,
-                      depth: bool = False):  # fmt: skip
+                      depth: bool = False, z_far: float = Z_FAR):  # fmt: skip
     """One street-scene video. Returns ``frames (F, H, W, 3)`` uint8 and ``panoptic (F, H, W)``
     int64 ids ``semantic * 1000 + track``; the same arguments give the same bytes.
 
     ``depth=True`` also returns ``depth (F, H, W)`` float32 metres: the camera-space z of the
     nearest surface in each pixel (KITTI's depth-map convention), 0 = no depth for the sky and
     for surfaces beyond ``MAX_DEPTH``. Frames and panoptic maps are the same either way.
+    ``z_far``: things (cars, people, poles, boxes) are drawn only while nearer than this, in
+    metres; ``make demo`` uses 20 (bigger things on screen), the default is 30.
     """
+    if not Z_NEAR < z_far <= Z_END:
+        raise ValueError(f"z_far must lie in ({Z_NEAR}, {Z_END}] metres, got {z_far}")
     rng = np.random.default_rng(seed)
     ego_speed = rng.uniform(0.15, 0.6)  # metres per frame (KITTI records 10 frames/s)
-    street = plan_street(rng, ego_speed * num_frames + Z_FAR)
-    things = plan_things(rng, street, num_frames, ego_speed)
+    street = plan_street(rng, ego_speed * num_frames + z_far)
+    things = plan_things(rng, street, num_frames, ego_speed, z_far)
     texture = noise_texture(rng)
     sway = rng.uniform(0.01, 0.05) * width, rng.uniform(40, 150), rng.uniform(0, 2 * np.pi)
     tint = (rng.uniform(0.85, 1.1) * rng.uniform(0.95, 1.05, 3)).astype(np.float32)
@@ -249,7 +257,7 @@ def generate_sequence(seed: int, num_frames: int, height: int = 128, width: int 
         label = cls * LABEL_DIVISOR
         distance = np.array([thing.z + thing.vz * t for thing in things]) - camera[2]
         for k in np.argsort(-distance, kind="stable"):  # painter's order: far to near
-            if Z_NEAR < distance[k] < Z_FAR:
+            if Z_NEAR < distance[k] < z_far:
                 draw_thing(image, label, things[k], t, camera, frame_depth)
         image *= tint
         image += rng.standard_normal((height, width, 1), dtype=np.float32) * 3  # sensor noise
@@ -265,7 +273,8 @@ def sequence_seed(seed: int, index: int) -> int:
 
 
 def write_dataset(out, train_seqs: int, val_seqs: int, num_frames: int, seed: int = 0,
-                  height: int = 128, width: int = 416, depth: bool = True) -> dict:  # fmt: skip
+                  height: int = 128, width: int = 416, depth: bool = True,
+                  z_far: float = Z_FAR) -> dict:  # fmt: skip
     """Write ``out/{images,panoptic_maps,depth}/SPLIT/SSSS/FFFFFF.png`` (KITTI-STEP layout, and
     depth PNGs of metres * 256 as DVPS; ``depth=False`` skips them).
 
@@ -280,7 +289,7 @@ def write_dataset(out, train_seqs: int, val_seqs: int, num_frames: int, seed: in
         split, start = "train" if index < train_seqs else "val", time.perf_counter()
         size = (height, width)
         frames, panoptic, depths = generate_sequence(sequence_seed(seed, index), num_frames, *size,
-                                                     depth=True)  # fmt: skip
+                                                     depth=True, z_far=z_far)  # fmt: skip
         seconds += time.perf_counter() - start
         with_depth += int(np.count_nonzero(depths))
         for t in range(num_frames):
@@ -305,7 +314,8 @@ def write_dataset(out, train_seqs: int, val_seqs: int, num_frames: int, seed: in
 
 
 def write_in_format(out, data_format: str, train_seqs: int, val_seqs: int, num_frames: int,
-                    seed: int = 0, height: int = 128, width: int = 416) -> None:  # fmt: skip
+                    seed: int = 0, height: int = 128, width: int = 416,
+                    z_far: float = Z_FAR) -> None:  # fmt: skip
     """The sequences `write_dataset` writes, in VSPW's or YouTube-VIS's layout."""
     if data_format == "vspw":  # every class, VSPW's values 1..19
         from minivseg.vspw import write_split
@@ -322,7 +332,7 @@ def write_in_format(out, data_format: str, train_seqs: int, val_seqs: int, num_f
         for index in indices:
             start = time.perf_counter()
             frames, panoptic = generate_sequence(sequence_seed(seed, index), num_frames, height,
-                                                 width)  # fmt: skip
+                                                 width, z_far=z_far)  # fmt: skip
             print(f"{index:04d}: {num_frames} frames, {time.perf_counter() - start:.1f} s",
                   flush=True)  # fmt: skip
             yield f"{index:04d}", frames, panoptic
@@ -341,16 +351,19 @@ def main(argv=None) -> None:
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=416)
     parser.add_argument("--no-depth", action="store_true", help="do not write depth/ PNGs")
+    far = f"things are drawn up to this many metres away (default {Z_FAR:g})"
+    parser.add_argument("--z-far", type=float, default=Z_FAR, help=far)
     layouts = ("kitti-step", "vspw", "youtube-vis")
     parser.add_argument("--format", default="kitti-step", choices=layouts, help="dataset layout")
     args = parser.parse_args(argv)
     if args.format != "kitti-step":
         write_in_format(args.out, args.format, args.train_seqs, args.val_seqs, args.frames,
-                        args.seed, args.height, args.width)  # fmt: skip
+                        args.seed, args.height, args.width, args.z_far)  # fmt: skip
         print(f"wrote {args.train_seqs + args.val_seqs} sequences ({args.format}) to {args.out}")
         return
     summary = write_dataset(args.out, args.train_seqs, args.val_seqs, args.frames, args.seed,
-                            args.height, args.width, depth=not args.no_depth)  # fmt: skip
+                            args.height, args.width, depth=not args.no_depth,
+                            z_far=args.z_far)  # fmt: skip
     rate = summary["frames_per_second"]
     print(f"wrote {summary['frames']} frames to {args.out} ({rate:.0f} frames/s generated)")
     if "depth_share" in summary:

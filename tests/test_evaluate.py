@@ -2,6 +2,7 @@
 streamed frame by frame."""
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -323,3 +324,41 @@ def test_a_depth_model_on_data_without_depth_stops_with_one_line(tmp_path):
                               out_dir=str(tmp_path / "r"), **small)  # fmt: skip
     with pytest.raises(DatasetError, match="needs depth labels"):
         train_module.main(cfg)
+
+
+def _stq_gap():
+    spec = importlib.util.spec_from_file_location(
+        "stq_gap", Path(__file__).parent / "benchmarks" / "stq_gap.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_oracle_association_gives_segments_their_best_track_and_leaves_the_rest():
+    """tests/benchmarks/stq_gap.py's oracle: swapped car ids get the ground truth's back, a segment
+    on no track gets a fresh id, stuff / crowd / void stay, a person segment never takes a car."""
+    car, person, road = 13 * VIDEO_LABEL_DIVISOR, 11 * VIDEO_LABEL_DIVISOR, 0
+    truth = np.full((4, 6), road)
+    truth[0, :3], truth[0, 3:], truth[3, :2] = car + 1, car + 2, person + 4
+    prediction = truth.copy()
+    prediction[0, :3], prediction[0, 3:] = car + 7, car + 5  # both cars, ids swapped and renamed
+    prediction[2, :2], prediction[3, :2] = car + 9, person + 1  # a false car; the person
+    prediction[2, 4:], prediction[1, 4:] = person, VOID  # crowd and void stay as they are
+    fresh = [500]
+    out = _stq_gap().oracle_ids(prediction, truth, (11, 13), fresh)
+    assert (out[0] == truth[0]).all() and (out[3, :2] == person + 4).all()
+    assert (out[2, :2] == car + 500).all() and fresh == [501]
+    assert (out[2, 4:] == person).all() and (out[1, 4:] == VOID).all()
+    assert (out[1, :4] == road).all()
+
+
+def test_stq_gap_scores_as_the_evaluation_does(checkpoint, capsys):
+    """The "video" way equals evaluate's STQ on the same checkpoint and split; SQ is the same in
+    all three ways (ids do not enter it)."""
+    results = _stq_gap().main(["--checkpoint", str(checkpoint), "--data", str(SAMPLES)])
+    metrics = E.main(["--checkpoint", str(checkpoint), "--data", str(SAMPLES), "--split", "val"])
+    assert results["video"]["STQ"] == pytest.approx(metrics["STQ"], abs=1e-9)
+    sq = {way: result["SQ"] for way, result in results.items()}
+    assert sq["oracle association"] == pytest.approx(sq["video"]) == sq["per frame"]
+    assert "oracle association" in capsys.readouterr().out

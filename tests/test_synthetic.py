@@ -251,3 +251,32 @@ def test_things_are_nearer_than_what_they_cover_and_near_hides_far():
     synthetic_render.draw_thing(np.zeros_like(image), alone, far, 0, camera)
     hidden = (alone == 13001) & (label == 13002)
     assert hidden.sum() > 50 and (depth[hidden] == 10.0).all()
+
+
+def test_z_far_bounds_thing_depth_makes_things_bigger_and_reaches_the_cli(tmp_path):
+    """``z_far``: no car or person pixel is farther than it plus a car's length; at 20 m the
+    median car is taller than at 30 m; the CLI's ``--z-far`` writes the same video as
+    ``generate_sequence(z_far=...)``; a distance outside (Z_NEAR, Z_END] is refused."""
+    heights = {}
+    for z_far in (20.0, 30.0):
+        heights[z_far] = []
+        for seed in range(4):
+            _, panoptic, depth = synthetic.generate_sequence(seed, 8, depth=True, z_far=z_far)
+            things = np.isin(semantic_of(panoptic), (11, 13))
+            assert things.any() and depth[things].max() < z_far + 4.8  # a car is up to 4.8 m long
+            heights[z_far] += [
+                rows.max() - rows.min() + 1
+                for pan_id, masks in tracks(panoptic).items()
+                if pan_id // LABEL_DIVISOR == 13
+                for _, rows, _ in masks
+            ]
+    assert np.median(heights[20.0]) > np.median(heights[30.0])
+    args = "--train-seqs 1 --val-seqs 0 --frames 2 --seed 5 --height 32 --width 104".split()
+    synthetic.main(["--out", str(tmp_path), *args, "--z-far", "12", "--no-depth"])
+    _, panoptic = synthetic.generate_sequence(synthetic.sequence_seed(5, 0), 2, 32, 104, z_far=12)
+    for t in range(2):
+        name = tmp_path / "panoptic_maps" / "train" / "0000" / f"{t:06d}.png"
+        np.testing.assert_array_equal(read_kitti_step_png(name), panoptic[t])
+    for bad in (synthetic.Z_NEAR, 1e4):
+        with pytest.raises(ValueError, match="z_far must lie in"):
+            synthetic.generate_sequence(0, 1, 32, 104, z_far=bad)
