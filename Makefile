@@ -9,7 +9,7 @@ SYNTH  := data/synthetic
 VSPW   := data/synthetic_vspw
 YTVIS  := data/synthetic_ytvis
 HELDOUT := data/synthetic_heldout
-# make demo's data: things up to 20 m away; the held-out sequences come from another seed
+# the demos' data: things up to 20 m away; make demo's held-out sequences come from another seed
 SYNTH_ARGS   := --train-seqs 16 --val-seqs 2 --frames 30 --seed 0 --z-far 20
 HELDOUT_ARGS := --train-seqs 0 --val-seqs 12 --frames 30 --seed 7 --z-far 20 --no-depth
 ARGS   ?=
@@ -44,15 +44,13 @@ demo: $(STAMP)  ## synthetic data -> train the tiny TubeFormer on CPU -> STQ/VPQ
 	@echo "overlay GIFs: runs/demo/eval/overlays/ and runs/demo/eval_heldout/overlays/  loss curve: runs/demo/loss_curve.png"
 
 demo-vspw: $(STAMP)  ## video semantic segmentation: the synthetic video in VSPW's layout -> mIoU, mVC8, mVC16
-	@test -f $(VSPW)/val.txt || $(PY) -m minivseg.synthetic --format vspw --out $(VSPW) \
-		--train-seqs 16 --val-seqs 2 --frames 30 --seed 0
+	$(call synthetic,$(VSPW),--format vspw $(SYNTH_ARGS))
 	$(PY) -m minivseg.train --preset=vspw_demo --data=$(VSPW) --overwrite $(ARGS)
 	$(PY) -m minivseg.evaluate --checkpoint runs/vspw_demo/last.pt --data $(VSPW) --split val \
 		--out runs/vspw_demo/eval
 
 demo-youtube-vis: $(STAMP)  ## video instances: the synthetic video in YouTube-VIS's layout, T=5 -> AP, results.json
-	@test -f $(YTVIS)/valid/instances.json || $(PY) -m minivseg.synthetic --format youtube-vis \
-		--out $(YTVIS) --train-seqs 16 --val-seqs 2 --frames 30 --seed 0
+	$(call synthetic,$(YTVIS),--format youtube-vis $(SYNTH_ARGS))
 	$(PY) -m minivseg.train --preset=youtube_vis_demo --data=$(YTVIS) --overwrite $(ARGS)
 	$(PY) -m minivseg.evaluate --checkpoint runs/youtube_vis_demo/last.pt --data $(YTVIS) \
 		--split valid --out runs/youtube_vis_demo/eval
