@@ -17,10 +17,17 @@ SYNTH30_ARGS := --train-seqs 16 --val-seqs 2 --frames 30 --seed 0
 ARGS   ?=
 INIT   ?=
 
-# $(call synthetic,DIR,ARGS): write the synthetic dataset DIR unless it was written with ARGS
+# $(call synthetic,DIR,ARGS): the synthetic dataset DIR written with ARGS. DIR is written (into
+# DIR.partial, renamed when complete) if it is missing, and rewritten if generator_args.txt shows
+# other arguments; a DIR without that file is not ours (or from an older version): kept and used.
 define synthetic
-	@test "$$(cat $(1)/generator_args.txt 2>/dev/null)" = "$(2)" || { rm -rf $(1) && \
-		$(PY) -m minivseg.synthetic --out $(1) $(2) && echo "$(2)" > $(1)/generator_args.txt; }
+	@if [ ! -e $(1) ] || { [ -f $(1)/generator_args.txt ] && \
+			[ "$$(cat $(1)/generator_args.txt)" != "$(2)" ]; }; then \
+		rm -rf $(1).partial && $(PY) -m minivseg.synthetic --out $(1).partial $(2) && \
+		echo "$(2)" > $(1).partial/generator_args.txt && rm -rf $(1) && mv $(1).partial $(1); \
+	elif [ ! -f $(1)/generator_args.txt ]; then \
+		echo "note: using $(1) as it is; it has no generator_args.txt, so it may not be what"; \
+		echo "  'python -m minivseg.synthetic $(2)' writes (delete it to regenerate)"; fi
 endef
 
 .DEFAULT_GOAL := help
