@@ -36,8 +36,6 @@ from minivseg.splits import frame_tensor  # noqa: E402
 from minivseg.stq import STQ  # noqa: E402
 from minivseg.tasks import load_model, predict_frames, task_classes  # noqa: E402
 
-VIDEO_VOID = 255 * VIDEO_LABEL_DIVISOR
-
 
 def oracle_ids(prediction: np.ndarray, truth: np.ndarray, thing_classes, fresh: list) -> np.ndarray:
     """(H, W) video ids -> the same segments with ground-truth track ids (see the module doc).
@@ -78,13 +76,11 @@ def main(argv=None):
         frames = (frame_tensor(split.image_path(sequence, name)) for name in names)
         fresh = [VIDEO_LABEL_DIVISOR // 2]  # above every ground-truth track id
         with torch.no_grad():
-            for t, result in enumerate(predict_frames(model, cfg, frames, len(names))):
+            results = predict_frames(model, cfg, frames, len(names), fill_void=args.fill_void)
+            for t, result in enumerate(results):
                 truth = relabel(split.read_panoptic(sequence, names[t]), LABEL_DIVISOR,
                                 VIDEO_LABEL_DIVISOR)  # fmt: skip
                 prediction = result["panoptic"]
-                if args.fill_void:
-                    filled = result["semantic"] * VIDEO_LABEL_DIVISOR
-                    prediction = np.where(prediction == VIDEO_VOID, filled, prediction)
                 oracle = oracle_ids(prediction, truth, thing_classes, fresh)
                 meters["video"].update(truth, prediction, sequence_id=sequence)
                 meters["oracle association"].update(truth, oracle, sequence_id=sequence)
